@@ -1,0 +1,1 @@
+"""peftforge trainer: config, models, data, the loop, checkpoints, tracking, export."""

@@ -1,0 +1,198 @@
+"""The training loop: one explicit pass from config to a trained, saved adapter.
+
+Order matters and is the design: validate the run dir, load tokenizer and data (so bad data
+fails before a model loads), load the model, wrap it with the adapter, build the optimizer,
+let accelerate prepare both, then loop. Methods talk to the loop only through `MethodHooks`
+(extra loss terms, a step hook that may add parameters, state for resume) and optimizers only
+through their `OptimizerSpec` flags and `wants_create_graph`.
+"""
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+import adapters
+import optim
+from trainer import checkpoint
+from trainer.config import Config, save_config
+from trainer.data import Collator, build_datasets
+from trainer.evaluate import evaluate, sample_answers
+from trainer.export import save_final
+from trainer.models import load_model, load_tokenizer
+from trainer.objective import forward, loss_sum, loss_units
+from trainer.rundir import plan_run_dir
+from trainer.sampling import MicroBatchStream
+from trainer.schedule import lr_factor
+from trainer.tracking import Tracker
+from trainer.validate import check_runtime
+
+
+def build_optimizer(model, cfg: Config, saved_groups: list[dict] | None):
+    """The optimizer over trainable parameters. On resume it is rebuilt in the saved layout:
+    the builder's groups over the same parameters in the same order, then the groups a method
+    added mid-run (TriAdaptLoRA's grown ranks), so the saved state maps onto it."""
+    spec = optim.OPTIMIZERS[cfg.optim.name]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved_groups is None:
+        opt = spec.build(list(params.items()), cfg.optim)
+    else:
+        initial = [n for g in saved_groups if not g["added"] for n in g["names"]]
+        opt = spec.build([(n, params[n]) for n in initial], cfg.optim)
+        for g in saved_groups:
+            if g["added"]:
+                add_method_params(opt, [params[n] for n in g["names"]], cfg)
+    for group in opt.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return opt
+
+
+def add_method_params(opt, new_params, cfg: Config) -> None:
+    """Parameters a method created mid-run join the optimizer and the LR schedule."""
+    opt.add_param_group({"params": list(new_params), "lr": cfg.optim.lr, "base_lr": cfg.optim.lr,
+                         "weight_decay": cfg.optim.weight_decay, "added_by_method": True})
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    # The loop groups micro-batches itself; the plugin only tells accelerate (and DeepSpeed)
+    # where the accumulation boundaries are, so DDP syncs and ZeRO steps once per update.
+    plugin = GradientAccumulationPlugin(num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False)
+    accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with="wandb" if cfg.tracking.wandb else None)
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:  # we pass no dataloader, so fill DeepSpeed's "auto" sizes from our config
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds.deepspeed_config["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+        ds.deepspeed_config["train_batch_size"] = (cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+                                                   * accelerator.num_processes)
+        ds.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
+    return accelerator
+
+
+def train(cfg: Config) -> Path:
+    """Run the job described by `cfg`; returns the run directory."""
+    resume_from = plan_run_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    check_runtime(cfg, accelerator)
+    set_seed(cfg.train.seed)
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_set = build_datasets(cfg.data, tokenizer, cfg.model.task, t.seed)
+    collate = Collator(tokenizer.pad_token_id, cfg.model.task, packed=cfg.data.packing)
+    stream = MicroBatchStream(len(train_set), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    model = load_model(cfg.model, tokenizer)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    spec = adapters.ADAPTERS[cfg.adapter.type]
+    model, hooks = spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, t.max_steps, t.seed))
+
+    state = {"step": 0, "wandb_id": None}
+    if resume_from:
+        state, method_state = checkpoint.read_state(resume_from)
+        hooks.load_state_dict(method_state)  # may reshape the model (grown ranks) before weights load
+    optimizer = build_optimizer(model, cfg, checkpoint.saved_group_names(resume_from) if resume_from else None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from:
+        checkpoint.load_checkpoint(accelerator, resume_from, model, optimizer)
+        stream.load_state_dict(state["stream"])
+    elif accelerator.is_main_process:  # a fresh run: only now, with everything loaded, touch the run dir
+        if t.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+
+    tracker = Tracker(accelerator, run_dir, cfg, state["step"], state["wandb_id"])
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tracker.write(f"{len(train_set)} train / {len(eval_set)} eval examples; {n_params:,} trainable parameters"
+                  + (f"; resuming from {resume_from.name}" if resume_from else ""))
+    if t.sample_prompts and not resume_from:
+        for q, a in zip(t.sample_prompts, sample_answers(accelerator, model, tokenizer, t.sample_prompts, t.max_new_tokens)):
+            tracker.write(f"[before] {q} -> {a}")
+
+    model.train()
+    step, window_units, window_time = state["step"], 0, 0.0
+    while step < t.max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
+        began = time.perf_counter()
+        micro = [collate([train_set[i] for i in stream.next_indices()]) for _ in range(t.gradient_accumulation_steps)]
+        micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
+        # normalise by the loss units of the whole accumulated batch on all processes, so the
+        # update does not depend on how the batch is split into micro-batches or processes
+        local_units = sum(loss_units(mb, cfg.model.task) for mb in micro)
+        units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), reduction="sum"))
+        scale = accelerator.num_processes / max(units, 1)
+        create_graph = optim.wants_create_graph(getattr(optimizer, "optimizer", optimizer))
+        task_loss, extra_totals = 0.0, {}
+        for mb in micro:
+            with accelerator.accumulate(model):
+                outputs = forward(model, mb)
+                loss = loss_sum(outputs.logits, mb, cfg.model.task) * scale
+                extras = hooks.extra_losses(mb, outputs, model)
+                total = loss + sum(extras.values()) / len(micro)
+                # accelerate (or DeepSpeed) divides by the accumulation steps; our scale already did
+                accelerator.backward(total * t.gradient_accumulation_steps, create_graph=create_graph)
+                task_loss += float(loss.detach()) / accelerator.num_processes
+                for k, v in extras.items():
+                    extra_totals[k] = extra_totals.get(k, 0.0) + float(v.detach()) / len(micro)
+        grad_norm = _clip(accelerator, model, t.max_grad_norm)
+        optimizer.step()
+        step += 1
+        new_params = hooks.after_optimizer_step(step, accelerator.unwrap_model(model))
+        if new_params:
+            add_method_params(getattr(optimizer, "optimizer", optimizer), new_params, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        window_units += units
+        window_time += time.perf_counter() - began
+        tracker.advance()
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            loss_value = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), reduction="sum"))
+            row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "epoch": round(stream.epoch, 4),
+                   "tokens_per_s": window_units / max(window_time, 1e-9), "peak_rss_mb": _peak_rss_mb()}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            row.update(extra_totals)
+            row.update(hooks.metrics())
+            tracker.log(step, row)
+            window_units, window_time = 0, 0.0
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and eval_set:
+            tracker.log(step, evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches))
+        if t.save_every and step % t.save_every == 0:
+            state = {"step": step, "stream": stream.state_dict(), "wandb_id": tracker.wandb_id}
+            checkpoint.save_checkpoint(accelerator, run_dir, step, model, optimizer, state, hooks.state_dict(), t.keep_last)
+
+    if eval_set:
+        metrics = evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches)
+        tracker.log(step, metrics)
+        tracker.write("final " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    save_final(accelerator, model, tokenizer, cfg, run_dir)
+    if t.sample_prompts:
+        for q, a in zip(t.sample_prompts, sample_answers(accelerator, model, tokenizer, t.sample_prompts, t.max_new_tokens)):
+            tracker.write(f"[after] {q} -> {a}")
+    tracker.close()
+    return run_dir
+
+
+def _clip(accelerator, model, max_norm: float | None) -> float | None:
+    """Clip (unless disabled) and return the pre-clip global gradient norm."""
+    if checkpoint.is_deepspeed(accelerator):  # DeepSpeed clips inside its step (config gradient_clipping)
+        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+        return float(norm) if norm is not None else None
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    return float(norm)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

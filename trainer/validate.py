@@ -1,0 +1,34 @@
+"""Combinations that cannot work, refused with one sentence before any model loads.
+
+Config-only rules live in the config schema; these need the launch environment (accelerate
+/ DeepSpeed config, mixed precision) and so run once the Accelerator exists.
+"""
+from __future__ import annotations
+
+from accelerate.utils import DistributedType
+
+import adapters
+import optim
+from trainer.errors import UserError
+
+
+def check_runtime(cfg, accelerator) -> None:
+    opt = optim.OPTIMIZERS[cfg.optim.name]
+    method = adapters.ADAPTERS[cfg.adapter.type]
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded and not opt.supports_zero:
+        raise UserError(f"{cfg.optim.name} needs whole, unpartitioned gradients per parameter, which DeepSpeed ZeRO "
+                        f"and FSDP shard", where="optim.name", hint="launch with configs/accelerate/ddp-cpu.yaml or single.yaml")
+    if sharded and not method.supports_zero:
+        raise UserError(f"{cfg.adapter.type} adds parameters during training, which DeepSpeed ZeRO and FSDP cannot "
+                        f"register after start-up", where="adapter.type", hint="launch with DDP or a single process")
+    if opt.double_backward:
+        if accelerator.mixed_precision == "fp16":
+            raise UserError(f"{cfg.optim.name} differentiates gradients a second time, which fp16 loss scaling "
+                            f"corrupts", where="optim.name", hint="use bf16 or fp32 mixed precision")
+        if cfg.model.attn_implementation == "sdpa":
+            raise UserError(f"{cfg.optim.name} needs a double-backward path; fused SDPA attention kernels have none",
+                            where="model.attn_implementation", hint="leave it unset: eager attention is forced")
+        if getattr(accelerator.state, "dynamo_plugin", None) and accelerator.state.dynamo_plugin.backend.value != "NO":
+            raise UserError(f"{cfg.optim.name} is not supported under torch.compile (double backward)",
+                            where="accelerate config dynamo_backend", hint="set dynamo_backend: 'NO'")
