@@ -108,14 +108,6 @@ class AdaHessian(torch.optim.Optimizer):
         hessian_interval: int = 1,
         seed: int = 0,
     ):
-        if not lr > 0 or not eps > 0 or weight_decay < 0:
-            raise ValueError(f"AdaHessian: invalid lr={lr}, eps={eps} or weight_decay={weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"AdaHessian: betas must lie in [0, 1), got {betas}")
-        if not 0.0 < hessian_power <= 1.0:
-            raise ValueError(f"AdaHessian: hessian_power must lie in (0, 1], got {hessian_power}")
-        if spatial_average not in SPATIAL_MODES or block_size < 1:
-            raise ValueError(f"AdaHessian: spatial_average must be one of {SPATIAL_MODES} with block_size >= 1")
         if n_samples < 1 or hessian_interval < 1:
             raise ValueError("AdaHessian: n_samples and hessian_interval must be >= 1")
         defaults = dict(
@@ -131,6 +123,19 @@ class AdaHessian(torch.optim.Optimizer):
         self._steps = 0
         self._generators: dict[str, torch.Generator] = {}
         self._saved_rng: dict[str, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]  # checked after the defaults are filled in
+        # lr 0 is allowed, as in torch.optim: a schedule may add a group during warm-up.
+        if group["lr"] < 0 or not group["eps"] > 0 or group["weight_decay"] < 0:
+            raise ValueError("AdaHessian: lr and weight_decay must be >= 0 and eps > 0")
+        if not all(0.0 <= b < 1.0 for b in group["betas"]):
+            raise ValueError(f"AdaHessian: betas must lie in [0, 1), got {group['betas']}")
+        if not 0.0 < group["hessian_power"] <= 1.0:
+            raise ValueError(f"AdaHessian: hessian_power must lie in (0, 1], got {group['hessian_power']}")
+        if group["spatial_average"] not in SPATIAL_MODES or group["block_size"] < 1:
+            raise ValueError(f"AdaHessian: spatial_average must be one of {SPATIAL_MODES} with block_size >= 1")
 
     def wants_create_graph(self) -> bool:
         """True when the next step() estimates the Hessian and so needs grads with a graph."""
@@ -215,22 +220,33 @@ class AdaHessianOptions(OptimizerOptions):
     name: str = "adahessian"
     lr: float = Field(
         1e-3, gt=0,
-        description="Step size. The vision default 0.15 is unsafe for language-model fine-tuning; "
-        "1e-3 is about 5x a LoRA AdamW lr and 30-50x a full fine-tuning one (docs/methods/optimizers.md).",
+        description="Step size. The vision default 0.15 is unsafe for language-model fine-tuning; 1e-3 is "
+        "about 5x a LoRA AdamW lr and 30-50x a full fine-tuning one (docs/methods/optimizers.md).",
     )
     weight_decay: float = Field(
-        0.0, ge=0, description="Decoupled weight decay: p <- p - lr * weight_decay * p; not applied to 1-D tensors."
+        0.0, ge=0,
+        description="Decoupled weight decay, p <- p - lr * weight_decay * p; never applied to 1-D tensors.",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="EMA factors of the gradient and of the squared Hessian diagonal.")
-    eps: float = Field(1e-4, gt=0, description="Added to the curvature denominator; caps the step where curvature is near zero.")
-    hessian_power: float = Field(1.0, gt=0, le=1, description="Exponent k of the curvature denominator; 1 is Newton-like, 0.5 is the torch-optimizer default.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="EMA factors of the gradient and of the squared Hessian diagonal."
+    )
+    eps: float = Field(
+        1e-4, gt=0,
+        description="Added to the curvature denominator; caps the step where the curvature is near zero.",
+    )
+    hessian_power: float = Field(
+        1.0, gt=0, le=1,
+        description="Exponent k of the curvature denominator: 1 is Newton-like, 0.5 the torch-optimizer default.",
+    )
     spatial_average: Literal["none", "row", "block"] = Field(
-        "none", description="Average the Hessian diagonal of matrices per row, per block of block_size elements, or not at all."
+        "none", description="Average the Hessian diagonal of matrices per row, per block of block_size elements, or not."
     )
     block_size: int = Field(32, ge=1, description="Block length for spatial_average='block' (the IWSLT recipe used 32).")
     n_samples: int = Field(1, ge=1, description="Rademacher probes per Hessian estimate; each costs one extra backward.")
     hessian_interval: int = Field(
-        1, ge=1, description="Estimate the Hessian every this many steps; the steps between need no create_graph and reuse the estimate."
+        1, ge=1,
+        description="Estimate the Hessian every this many steps; the steps between need no create_graph and "
+        "reuse the last estimate.",
     )
     seed: int = Field(0, description="Seed of the Rademacher probe generator (its state is checkpointed).")
 

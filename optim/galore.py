@@ -93,7 +93,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._check_group(self.param_groups[-1])
 
     def _check_group(self, group: dict) -> None:
-        if not group["lr"] > 0 or not group["eps"] > 0 or group["weight_decay"] < 0:
+        # lr 0 is allowed, as in torch.optim: a schedule may add a group during warm-up.
+        if group["lr"] < 0 or not group["eps"] > 0 or group["weight_decay"] < 0:
             raise ValueError(f"{type(self).__name__}: invalid lr, eps or weight_decay in a param group")
         if not all(0.0 <= b < 1.0 for b in group["betas"]):
             raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {group['betas']}")
@@ -166,22 +167,32 @@ class GaLoreOptions(OptimizerOptions):
     name: str = "galore_adamw"
     lr: float = Field(
         2e-5, gt=0,
-        description="Step size for every parameter; projected matrices move by lr * scale (the paper's GLUE runs used 1e-5 to 3e-5).",
+        description="Step size of every parameter; projected matrices move by lr * scale "
+        "(the paper's GLUE runs used 1e-5 to 3e-5).",
     )
     weight_decay: float = Field(
-        0.0, ge=0, description="Decoupled weight decay on the full matrices (p <- p - lr * weight_decay * p); none on 1-D tensors."
+        0.0, ge=0,
+        description="Decoupled weight decay on the full matrices, p <- p - lr * weight_decay * p; none on 1-D tensors.",
     )
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment decay factors.")
-    eps: float = Field(1e-8, gt=0, description="Adam denominator epsilon (torch.optim.AdamW placement).")
-    rank: int = Field(8, ge=1, description="Rank r of the gradient subspace of each targeted matrix (clipped to min(m, n)).")
-    update_proj_gap: int = Field(200, ge=1, description="Rebuild each projector from the current gradient's SVD every this many steps.")
-    scale: float = Field(2.0, gt=0, description="Multiplier alpha of the back-projected update (the paper used 2 at r=8 and 4 at r=4 for fine-tuning).")
+    eps: float = Field(1e-8, gt=0, description="Adam denominator epsilon, added as in torch.optim.AdamW.")
+    rank: int = Field(8, ge=1, description="Rank r of each targeted matrix's gradient subspace (clipped to min(m, n)).")
+    update_proj_gap: int = Field(
+        200, ge=1, description="Rebuild each projector from the current gradient's SVD every this many steps."
+    )
+    scale: float = Field(
+        2.0, gt=0,
+        description="Multiplier alpha of the back-projected update (the paper used 2 at r=8 and 4 at r=4 "
+        "for fine-tuning).",
+    )
     proj_type: Literal["std", "reverse_std", "left", "right"] = Field(
-        "std", description="Side of the projection: std projects the larger dimension, reverse_std the smaller, left/right force it."
+        "std",
+        description="Projected side: std projects the larger dimension, reverse_std the smaller, left/right force it.",
     )
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        description="A 2-D weight gets GaLore when its parameter name contains one of these substrings; the rest get AdamW.",
+        description="A 2-D weight gets GaLore when its parameter name contains one of these substrings; "
+        "everything else gets AdamW.",
     )
 
 
@@ -203,7 +214,11 @@ def galore_groups(named_params, opts: GaLoreOptions, **galore_keys) -> list[dict
         params=targeted, weight_decay=opts.weight_decay, rank=opts.rank, update_proj_gap=opts.update_proj_gap,
         scale=opts.scale, proj_type=opts.proj_type, **galore_keys,
     )
-    groups = [projected, {"params": other_matrices, "weight_decay": opts.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    groups = [
+        projected,
+        {"params": other_matrices, "weight_decay": opts.weight_decay},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 

@@ -98,9 +98,13 @@ class NaturalGaLore(GaLoreAdamW):
 class NaturalGaLoreOptions(GaLoreOptions):
     name: str = "natural_galore"
     natural_history: int = Field(
-        20, ge=1, description="s: low-rank gradients kept per matrix for the empirical Fisher (s * rank * max(m, n) extra floats)."
+        20, ge=1,
+        description="s: low-rank gradients kept per matrix for the empirical Fisher "
+        "(s * rank * max(m, n) extra floats per matrix).",
     )
-    damping: float = Field(1e-3, gt=0, description="lambda: Tikhonov damping of the empirical Fisher (the reference hard-codes 1e-3).")
+    damping: float = Field(
+        1e-3, gt=0, description="lambda: Tikhonov damping of the empirical Fisher (the reference hard-codes 1e-3)."
+    )
 
 
 def build_natural_galore(named_params, opts: NaturalGaLoreOptions) -> NaturalGaLore:
@@ -109,5 +113,7 @@ def build_natural_galore(named_params, opts: NaturalGaLoreOptions) -> NaturalGaL
 
 
 register_optimizer(
-    OptimizerSpec("natural_galore", NaturalGaLoreOptions, build_natural_galore, full_parameter_only=True, supports_zero=False)
+    OptimizerSpec(
+        "natural_galore", NaturalGaLoreOptions, build_natural_galore, full_parameter_only=True, supports_zero=False
+    )
 )

@@ -10,14 +10,9 @@ import sys
 from trainer.errors import EXIT_USER_ERROR, UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning")
-    sub = p.add_subparsers(dest="command")
-    exp = sub.add_parser("export", help="write a run's adapter, or the base model with it merged")
-    exp.add_argument("--run", required=True, help="run directory (train.output_dir)")
-    exp.add_argument("--out", required=True, help="directory to write")
-    exp.add_argument("--merge", action="store_true", help="merge the adapter into the base model")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning. "
+                                "Subcommand: `train.py export --help`.")
     p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -25,18 +20,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py export", description="write a run's adapter, or the base model with it merged")
+    p.add_argument("--run", required=True, help="run directory (train.output_dir)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["export"]:
-            args = _parser().parse_args(argv)
+            args = _export_parser().parse_args(argv[1:])
             from trainer.export import export
             out = export(args.run, args.out, merge=args.merge, overwrite=args.overwrite)
             print(f"exported to {out}")
             return 0
-        args = _parser().parse_args(argv)
-        if args.overrides and args.overrides[0] in ("export",):
-            raise UserError("put subcommands first", where="command line")
+        args = _train_parser().parse_args(argv)
         from trainer.config import load_config
         overrides = list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides)

@@ -22,6 +22,7 @@ import optim
 from trainer import checkpoint
 from trainer.config import Config, save_config
 from trainer.data import Collator, build_datasets
+from trainer.errors import UserError
 from trainer.evaluate import evaluate, sample_answers
 from trainer.export import save_final
 from trainer.models import load_model, load_tokenizer
@@ -85,8 +86,16 @@ def train(cfg: Config) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set = build_datasets(cfg.data, tokenizer, cfg.model.task, t.seed)
     collate = Collator(tokenizer.pad_token_id, cfg.model.task, packed=cfg.data.packing)
-    stream = MicroBatchStream(len(train_set), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
-    model = load_model(cfg.model, tokenizer)
+    try:
+        stream = MicroBatchStream(len(train_set), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    except ValueError as e:
+        raise UserError(f"too little training data: {e}", where=f"data.path={cfg.data.path}",
+                        hint="add data or lower train.batch_size") from None
+    model_cfg = cfg.model
+    if optim.OPTIMIZERS[cfg.optim.name].double_backward and model_cfg.attn_implementation is None:
+        # fused SDPA kernels have no double backward; eager attention does
+        model_cfg = model_cfg.model_copy(update={"attn_implementation": "eager"})
+    model = load_model(model_cfg, tokenizer)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

