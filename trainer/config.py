@@ -55,6 +55,8 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0, description="0: no intermediate checkpoints")
     keep_last: int = Field(2, ge=1)
+    stop_after_steps: Optional[int] = Field(None, ge=1, description="stop resumably after this many steps "
+                                            "(a checkpoint is saved); the LR schedule still spans max_steps")
     resume: Optional[Literal["auto"]] = Field(None, description="auto: continue from the last checkpoint in output_dir")
     overwrite: bool = False
     gradient_checkpointing: bool = False

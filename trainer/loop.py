@@ -176,9 +176,14 @@ def train(cfg: Config) -> Path:
             window_units, window_time = 0, 0.0
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and eval_set:
             tracker.log(step, evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches))
-        if t.save_every and step % t.save_every == 0:
+        stopping = step == t.stop_after_steps and step < t.max_steps
+        if (t.save_every and step % t.save_every == 0) or stopping:
             state = {"step": step, "stream": stream.state_dict(), "wandb_id": tracker.wandb_id}
             checkpoint.save_checkpoint(accelerator, run_dir, step, model, optimizer, state, hooks.state_dict(), t.keep_last)
+        if stopping:
+            tracker.write(f"stopped after step {step}; continue with train.resume=auto")
+            tracker.close()
+            return run_dir
 
     if eval_set:
         metrics = evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches)
