@@ -61,8 +61,9 @@ class AdapterSpec:
     build: Callable[[torch.nn.Module, AdapterOptions, BuildContext], tuple[torch.nn.Module, MethodHooks]]
     # "peft": saved and loaded through peft's save_pretrained; "full": the whole model is trained
     kind: str = "peft"
-    # False when the method changes the trainable set mid-run, which ZeRO's partitioning forbids
-    supports_zero: bool = True
+    # True when the method creates trainable parameters mid-run (rank growth): DDP's bucketed
+    # gradient sync and ZeRO's partitioning are fixed at start-up, so it runs on one process
+    adds_parameters: bool = False
     # custom final save (out_dir, peft_model, state_dict) for methods whose saved form differs
     # from the training form (PiSSA-style residual bases); None = peft's save_pretrained
     save_adapter: Optional[Callable[[torch.nn.Module, str, Optional[dict]], None]] = None

@@ -278,7 +278,7 @@ def test_collator_pads_right_and_masks_labels():
 
     classes = Collator(pad_token_id=0, task="sequence_classification")(
         [{"input_ids": [1, 2], "label": 1}, {"input_ids": [3], "label": 0}])
-    assert classes["labels"].tolist() == [1, 0] and classes["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert classes["label"].tolist() == [1, 0] and classes["attention_mask"].tolist() == [[1, 1], [1, 0]]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

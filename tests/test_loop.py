@@ -42,9 +42,10 @@ def test_loss_does_not_depend_on_accumulation_split(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_is_exact_mid_epoch_with_accumulation(tmp_path, schedule):
-    """10 steps, stop, resume to 20 == 20 straight (dropout on, GA 2, mid-epoch)."""
+    """10 steps, stop, resume to 20 == 20 straight (dropout on, GA 2, mid-epoch: 111 examples
+    make 27 micro-batches of 4 per epoch, so step 10 ends inside the first epoch)."""
     common = ["train.gradient_accumulation_steps=2", "adapter.dropout=0.1", "train.eval_batches=1",
-              "data.max_length=48", f"train.lr_schedule={schedule}", "train.save_every=5"]
+              "data.max_length=32", "train.batch_size=4", f"train.lr_schedule={schedule}", "train.save_every=5"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_inprocess("--config", TINY, f"train.output_dir={straight}", "train.max_steps=20", *common) == 0
     if schedule == "constant":  # a run that ended at 10 and is extended
@@ -68,6 +69,7 @@ def test_existing_run_is_refused_and_untouched(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_inprocess("--config", TINY, f"train.output_dir={out}", "train.max_steps=2", "train.eval_batches=1") == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
     assert run_inprocess("--config", TINY, f"train.output_dir={out}", "train.max_steps=2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0] and "train.resume=auto" in err[0]

@@ -131,7 +131,7 @@ def test_importance_score_by_hand():
 ])
 def test_number_of_growing_matrices_follows_both_formulas(remaining, progress, n_matrices):
     linear = min(max(int(remaining * progress), 1), n_matrices)  # floor for non-negative values
-    nonlinear = min(max(int(math.exp(progress * math.log(remaining))), 1), n_matrices)
+    nonlinear = min(max(int(math.exp(progress * math.log(remaining)) + 1e-9), 1), n_matrices)
     assert tri.matrices_to_grow("linear", remaining, progress, n_matrices) == linear
     assert tri.matrices_to_grow("nonlinear", remaining, progress, n_matrices) == nonlinear
 

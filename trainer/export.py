@@ -59,6 +59,7 @@ def export(run: str, out: str, merge: bool, overwrite: bool = False) -> Path:
         tokenizer = load_tokenizer(cfg.model)
         base = load_model(cfg.model, tokenizer)
         merged = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
+        merged.config.use_cache = True  # load_model turns the KV cache off for training only
         with torch.no_grad():
             merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

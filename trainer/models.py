@@ -189,7 +189,7 @@ def _tiny_config(name: str, tokenizer, **extra):
 def load_model(model_cfg, tokenizer):
     """The base model for `model.task`, in `model.dtype`, with `pad_token_id` set.
 
-    Tiny models are random: the caller seeds torch for determinism.
+    Tiny models are random but always the same (seed 0), like a fixed pretrained checkpoint.
     """
     spec, task = model_cfg.name_or_path, model_cfg.task
     if task == "causal_lm" and spec in ENCODERS:
@@ -203,7 +203,10 @@ def load_model(model_cfg, tokenizer):
 
     source = resolve_model(spec)  # also validates tiny:NAME
     if spec.startswith("tiny:"):
-        model = auto.from_config(_tiny_config(spec, tokenizer, **labels), **kwargs)
+        # a fixed seed makes a tiny model the same "pretrained" base in every run, export and test
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = auto.from_config(_tiny_config(spec, tokenizer, **labels), **kwargs)
     else:
         try:
             model = auto.from_pretrained(source, **kwargs, **labels)

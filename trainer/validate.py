@@ -19,9 +19,10 @@ def check_runtime(cfg, accelerator) -> None:
     if sharded and not opt.supports_zero:
         raise UserError(f"{cfg.optim.name} needs whole, unpartitioned gradients per parameter, which DeepSpeed ZeRO "
                         f"and FSDP shard", where="optim.name", hint="launch with configs/accelerate/ddp-cpu.yaml or single.yaml")
-    if sharded and not method.supports_zero:
-        raise UserError(f"{cfg.adapter.type} adds parameters during training, which DeepSpeed ZeRO and FSDP cannot "
-                        f"register after start-up", where="adapter.type", hint="launch with DDP or a single process")
+    if method.adds_parameters and accelerator.num_processes > 1:
+        raise UserError(f"{cfg.adapter.type} adds parameters during training, which DDP's gradient sync and ZeRO's "
+                        f"partitioning cannot take in after start-up", where="adapter.type",
+                        hint="launch on one process (configs/accelerate/single.yaml)")
     if opt.double_backward:
         if accelerator.mixed_precision == "fp16":
             raise UserError(f"{cfg.optim.name} differentiates gradients a second time, which fp16 loss scaling "

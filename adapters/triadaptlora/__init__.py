@@ -45,4 +45,4 @@ def build_triadaptlora(model, opts: TriAdaptLoraOptions, ctx: BuildContext):
 
 
 # growth changes the trainable set mid-run, which ZeRO's static partitioning cannot follow
-register_adapter(AdapterSpec(PEFT_NAME, TriAdaptLoraOptions, build_triadaptlora, supports_zero=False))
+register_adapter(AdapterSpec(PEFT_NAME, TriAdaptLoraOptions, build_triadaptlora, adds_parameters=True))

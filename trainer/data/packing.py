@@ -43,8 +43,8 @@ class Collator:
     """Right-pads a list of examples to the longest one and returns torch tensors.
 
     Causal batches hold `labels` (-100 on padding), plus `attention_mask` when unpacked or
-    `position_ids` when packed. Classification batches hold `labels` of shape [batch], the
-    keyword the HF classification heads take, so `model(**batch)` computes the loss for both.
+    `position_ids` when packed. Classification batches hold `attention_mask` and `label` of shape
+    [batch]: the loop computes the loss itself, and never passes labels to the model.
     """
 
     def __init__(self, pad_token_id: int, task: str, packed: bool = False):
@@ -55,7 +55,7 @@ class Collator:
         batch = {"input_ids": _pad([e["input_ids"] for e in examples], width, self.pad_token_id)}
         if self.task == "sequence_classification":
             batch["attention_mask"] = _mask(examples, width)
-            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+            batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
             return batch
         batch["labels"] = _pad([e["labels"] for e in examples], width, IGNORE)
         if self.packed:
