@@ -58,6 +58,23 @@ def accelerator_kwargs() -> dict:
     return kw
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU TorchBackend JIT-compiles a shared-memory comm op (deepspeed_shm_comm, g++ +
+    ninja, ~1 min on 2 cores, cached in TORCH_EXTENSIONS_DIR) when the process group is created. It
+    is used only by inference_all_reduce (AutoTP inference); training collectives go through
+    torch.distributed/gloo. Returning None makes DeepSpeed fall back, so no compiler is needed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    if os.environ.get("PEFTFORGE_DS_SHM_BUILD", "0") == "1":
+        return
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm has an attribute `torch`
+    # (the real torch module), which the `as` form would bind instead of the submodule.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
 # ---- model / data ---------------------------------------------------------------------------
 
 def build_model(seed: int, r: int):
@@ -132,12 +149,17 @@ def main(argv=None):
                          "parameter so the gather path is really exercised); -1 keeps the config file's value")
     ap.add_argument("--save-at", type=int, default=0, help="accelerator.save_state after this many steps")
     ap.add_argument("--resume-from", default=None)
+    ap.add_argument("--ds-exclude-frozen", action="store_true",
+                    help="DeepSpeed only: save_state(..., exclude_frozen_parameters=True) so checkpoints hold the "
+                         "adapter and not the frozen base; load_state(..., load_module_strict=False) to resume")
     ap.add_argument("--naive", action="store_true",
                     help="negative control: accelerator.backward(loss) without the GA*W factor and without "
                          "setting sync_gradients (what a plain loop does); the compare step must flag it")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (accelerate imports it lazily)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (accelerate imports it lazily)
+    skip_deepspeed_shm_build()
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -179,7 +201,10 @@ def main(argv=None):
 
     start_step = 0
     if args.resume_from:
-        accelerator.load_state(args.resume_from)
+        if is_ds and args.ds_exclude_frozen:
+            accelerator.load_state(args.resume_from, load_module_strict=False)  # base weights come from the model build
+        else:
+            accelerator.load_state(args.resume_from)
         start_step = json.loads((Path(args.resume_from) / "probe_step.json").read_text())["step"]
         stream.position = start_step * args.ga
 
@@ -229,7 +254,10 @@ def main(argv=None):
 
         if args.save_at and step + 1 == args.save_at:
             ckpt = Path(args.out) / "state"
-            accelerator.save_state(str(ckpt))  # collective: every rank calls it
+            if is_ds and args.ds_exclude_frozen:
+                accelerator.save_state(str(ckpt), exclude_frozen_parameters=True)  # collective: every rank calls it
+            else:
+                accelerator.save_state(str(ckpt))  # collective: every rank calls it
             if accelerator.is_main_process:
                 (ckpt / "probe_step.json").write_text(json.dumps({"step": step + 1}))
             accelerator.wait_for_everyone()
@@ -292,7 +320,12 @@ def compare(dirs: list[str], tol: float = 1e-5):
     print(f"reference: {ref_d} ({ref['mode']} W={ref['world']} ga={ref['ga']})")
     print(f"{'run':40s} {'mode':7s} W ga micro  max|dloss|   max|dnorm|   max|dweight|  loop_s")
     worst = 0.0
+    same = ("steps", "global_batch", "seq_len", "n_examples", "lr", "warmup", "weight_decay", "max_grad_norm", "rank_r", "seed")
     for d, r in res:
+        bad = [k for k in same if r["args"][k] != ref["args"][k]]
+        if bad:
+            print(f"{d}: not comparable with the reference, differs in {bad}")
+            return False
         off = r["start_step"] - ref["start_step"]
         ref_l = ref["losses"][off:off + len(r["losses"])]
         dl = max(abs(a - b) for a, b in zip(r["losses"], ref_l))

@@ -68,3 +68,13 @@ def test_shipped_recipes_validate():
     assert recipes
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_switching_method_on_the_command_line_drops_the_recipes_other_options(tmp_path, capsys):
+    p = write(tmp_path, "adapter:\n  type: lora\n  r: 4\n  alpha: 8\noptim:\n  name: adamw\n  betas: [0.9, 0.99]\n")
+    cfg = load_config(p, ["adapter.type=none", "optim.name=galore_adamw", "optim.rank=4"])
+    assert cfg.adapter.type == "none" and cfg.optim.rank == 4
+    err = capsys.readouterr().err
+    assert "adapter.r, adapter.alpha" in err and "optim.betas" not in err  # galore has betas too
+    # an option given explicitly for the new method is still checked
+    assert "adapter.r" in error_of(p, ["adapter.type=none", "adapter.r=3"])

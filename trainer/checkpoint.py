@@ -16,14 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from trainer.distributed import gather_trainable, is_deepspeed
+
 STATE_FILE = "trainer_state.json"
-
-
-def is_deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -36,17 +33,6 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
-
-
-def trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """Trainable weights by name, gathered from every process when ZeRO-3 partitions them."""
-    unwrapped = accelerator.unwrap_model(model)
-    names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-    if is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        full = accelerator.get_state_dict(model)
-        return {n: full[n].detach().cpu().clone() for n in names if n in full} if accelerator.is_main_process else {}
-    params = dict(unwrapped.named_parameters())
-    return {n: params[n].detach().cpu().clone().contiguous() for n in names}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -73,7 +59,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sta
     if is_deepspeed(accelerator):
         model.save_checkpoint(str(tmp), tag="engine", exclude_frozen_parameters=True)
     else:
-        weights = trainable_state(accelerator, model)
+        weights = gather_trainable(accelerator, model)
         if accelerator.is_main_process:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "groups": _group_names(accelerator, model, optimizer)},

@@ -5,6 +5,7 @@ User errors print one line on stderr and exit 2; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainer.errors import EXIT_USER_ERROR, UserError
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             out = export(args.run, args.out, merge=args.merge, overwrite=args.overwrite)
             print(f"exported to {out}")
             return 0
-        args = _train_parser().parse_args(argv)
+        args = _train_parser().parse_intermixed_args(argv)
         from trainer.config import load_config
         overrides = list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides)
@@ -51,5 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run saved in {run_dir}")
         return 0
     except UserError as e:
-        print(f"error: {e.line()}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process hits it; say it once
+            print(f"error: {e.line()}", file=sys.stderr)
         return EXIT_USER_ERROR

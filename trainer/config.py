@@ -8,6 +8,8 @@ registered (see adapters/base.py, optim/base.py), so a method's options are type
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,15 +27,16 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name_or_path: str = Field("packaged:smollm2-135m-instruct", description="hub id, local folder, packaged:NAME or tiny:llama|bert")
-    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    task: Literal["causal_lm", "sequence_classification", "retrieval", "reranking"] = "causal_lm"
     num_labels: int = Field(2, ge=2, description="classes, for sequence_classification")
+    temperature: float = Field(0.05, gt=0, description="retrieval: InfoNCE temperature over cosine similarities")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Optional[Literal["eager", "sdpa"]] = None
 
 
 class DataConfig(Section):
     path: str = Field("packaged:chitchat", description="jsonl/json/csv/parquet file, save_to_disk folder, or packaged:NAME")
-    format: Optional[Literal["text", "alpaca", "chat", "classification"]] = None
+    format: Optional[Literal["text", "alpaca", "chat", "classification", "pairs"]] = None
     eval_path: Optional[str] = None
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(512, ge=8)
@@ -177,6 +180,20 @@ def _choice_error(key: str, value: Any, choices) -> UserError:
     return UserError(f"unknown {key} {value!r}", where=key, hint=f"{hint}choices: {', '.join(sorted(choices))}")
 
 
+def _drop_options_of_replaced_method(data: dict, fields: dict, origin: dict[str, str], path: Path | None) -> None:
+    """`adapter.type=X` (or `optim.name=X`) on the command line swaps the method of a recipe:
+    the file's options that X does not have are dropped, with a note, instead of refused."""
+    for section, selector in (("adapter", "type"), ("optim", "name")):
+        if f"{section}.{selector}" not in origin:
+            continue
+        dropped = [k for k in list(data[section]) if k not in fields[section] and f"{section}.{k}" not in origin]
+        for key in dropped:
+            del data[section][key]
+        if dropped and os.environ.get("RANK", "0") == "0":
+            print(f"note: {section}.{selector}={data[section][selector]} has no "
+                  f"{', '.join(section + '.' + k for k in dropped)}; ignoring them from {path}", file=sys.stderr)
+
+
 def _where(key: str, origin: dict[str, str], lines: dict[str, int], path: Path | None) -> str:
     if key in origin:
         return f"{key} ({origin[key]})"
@@ -206,6 +223,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except UserError as e:  # an unknown adapter.type / optim.name: say where it was written
         raise UserError(e.what, where=_where(e.where, origin, lines, cfg_path), hint=e.hint) from None
 
+    _drop_options_of_replaced_method(data, fields, origin, cfg_path)
     # unknown keys first, with the nearest valid one
     for section, value in [("", data)] + [(k, v) for k, v in data.items() if isinstance(v, dict)]:
         valid = fields.get(section)

@@ -9,15 +9,15 @@ import torch
 import yaml
 
 import adapters
-from trainer.checkpoint import is_deepspeed
+from trainer.distributed import gather_trainable, is_zero3
 from trainer.errors import UserError
 
 
 def save_final(accelerator, model, tokenizer, cfg, run_dir: Path) -> Path:
     """Write adapter/ (peft format) or, for full fine-tuning, model/; atomic, main process."""
     spec = adapters.ADAPTERS[cfg.adapter.type]
-    # ZeRO-3 partitions weights: gather a full state dict on the main process first
-    state = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else None
+    # ZeRO-3 partitions weights: every process joins the gather of the trainable ones
+    state = gather_trainable(accelerator, model) if is_zero3(accelerator) else None
     out = run_dir / ("model" if spec.kind == "full" else "adapter")
     if accelerator.is_main_process:
         tmp = run_dir / f".tmp-{out.name}"
