@@ -64,6 +64,8 @@ class AdapterSpec:
     # True when the method creates trainable parameters mid-run (rank growth): DDP's bucketed
     # gradient sync and ZeRO's partitioning are fixed at start-up, so it runs on one process
     adds_parameters: bool = False
+    # the model.task values the method can train; None = every task
+    tasks: Optional[tuple[str, ...]] = None
     # custom final save (out_dir, peft_model, state_dict) for methods whose saved form differs
     # from the training form (PiSSA-style residual bases); None = peft's save_pretrained
     save_adapter: Optional[Callable[[torch.nn.Module, str, Optional[dict]], None]] = None

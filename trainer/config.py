@@ -94,7 +94,9 @@ class Config(Section):
         return self
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        # serialize_as_any: adapter/optim hold subclasses of the declared option classes, whose
+        # own fields (r, rank, ...) must not be dropped
+        return self.model_dump(mode="json", serialize_as_any=True)
 
 
 # ---- loading ---------------------------------------------------------------------------------

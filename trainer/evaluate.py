@@ -3,34 +3,39 @@ from __future__ import annotations
 
 import torch
 
-from trainer.objective import forward, loss_sum, loss_units
-
 
 @torch.no_grad()
-def evaluate(accelerator, model, examples: list[dict], collate, batch_size: int, task: str,
+def evaluate(accelerator, model, examples: list[dict], task, batch_size: int,
              max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted mean loss (and accuracy for classification) over this process's shard,
-    summed across processes."""
+    """The task's held-out metrics: batch by batch (loss, accuracy), or over the whole held-out
+    set (ranking tasks, whose loss and metrics rank against a candidate pool)."""
     model.eval()
+    out = _batch_metrics(accelerator, model, examples, task, batch_size, max_batches) if task.batch_eval else {}
+    out.update(task.eval_metrics(accelerator, model, examples, batch_size, max_batches))
+    model.train()
+    return out
+
+
+def _batch_metrics(accelerator, model, examples, task, batch_size, max_batches) -> dict[str, float]:
+    """Unit-weighted mean task loss (plus the task's counted metrics, e.g. accuracy) over this
+    process's shard, summed across processes."""
     shard = examples[accelerator.process_index::accelerator.num_processes]
     starts = list(range(0, len(shard), batch_size))[:max_batches]
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, units, correct
+    totals = torch.zeros(2 + len(task.count_names), dtype=torch.float64, device=accelerator.device)  # loss, units, counts
     # every process must run the same number of forwards (ZeRO-3 gathers weights collectively)
     n_batches = int(accelerator.gather(torch.tensor([len(starts)], device=accelerator.device)).max())
     for i in range(n_batches):
         chunk = shard[starts[i]:starts[i] + batch_size] if i < len(starts) else shard[:1]
-        batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
-        logits = forward(model, batch).logits
+        batch = {k: v.to(accelerator.device) for k, v in task.collate(chunk).items()}
+        outputs, loss = task.forward_loss(model, batch)
         if i < len(starts):
-            totals[0] += loss_sum(logits, batch, task).double()
-            totals[1] += loss_units(batch, task)
-            if task == "sequence_classification":
-                totals[2] += (logits.argmax(-1) == batch["label"]).sum()
+            totals[0] += loss.double()
+            totals[1] += task.units(batch)
+            totals[2:] += task.eval_counts(outputs, batch).to(totals)
     totals = accelerator.reduce(totals, reduction="sum")
-    model.train()
-    out = {"eval/loss": float(totals[0] / totals[1].clamp(min=1))}
-    if task == "sequence_classification":
-        out["eval/accuracy"] = float(totals[2] / totals[1].clamp(min=1))
+    units = totals[1].clamp(min=1)
+    out = {"eval/loss": float(totals[0] / units)}
+    out.update({name: float(value / units) for name, value in zip(task.count_names, totals[2:])})
     return out
 
 

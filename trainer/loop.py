@@ -14,22 +14,22 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import set_seed
 
 import adapters
 import optim
 from trainer import checkpoint
 from trainer.config import Config, save_config
-from trainer.data import Collator, build_datasets
+from trainer.data import build_datasets
+from trainer.distributed import is_deepspeed, make_accelerator, micro_batch_context
 from trainer.errors import UserError
 from trainer.evaluate import evaluate, sample_answers
 from trainer.export import save_final
 from trainer.models import load_model, load_tokenizer
-from trainer.objective import forward, loss_sum, loss_units
 from trainer.rundir import plan_run_dir
 from trainer.sampling import MicroBatchStream
 from trainer.schedule import lr_factor
+from trainer.tasks import TASKS
 from trainer.tracking import Tracker
 from trainer.validate import check_runtime
 
@@ -59,21 +59,6 @@ def add_method_params(opt, new_params, cfg: Config) -> None:
                          "weight_decay": cfg.optim.weight_decay, "added_by_method": True})
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    # The loop groups micro-batches itself; the plugin only tells accelerate (and DeepSpeed)
-    # where the accumulation boundaries are, so DDP syncs and ZeRO steps once per update.
-    plugin = GradientAccumulationPlugin(num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False)
-    accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with="wandb" if cfg.tracking.wandb else None)
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None:  # we pass no dataloader, so fill DeepSpeed's "auto" sizes from our config
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-        ds.deepspeed_config["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
-        ds.deepspeed_config["train_batch_size"] = (cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-                                                   * accelerator.num_processes)
-        ds.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
-    return accelerator
-
-
 def train(cfg: Config) -> Path:
     """Run the job described by `cfg`; returns the run directory."""
     resume_from = plan_run_dir(cfg)
@@ -85,7 +70,7 @@ def train(cfg: Config) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set = build_datasets(cfg.data, tokenizer, cfg.model.task, t.seed)
-    collate = Collator(tokenizer.pad_token_id, cfg.model.task, packed=cfg.data.packing)
+    task = TASKS[cfg.model.task](cfg, tokenizer)  # batches, loss, loss units, evaluation
     try:
         stream = MicroBatchStream(len(train_set), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
     except ValueError as e:
@@ -133,26 +118,32 @@ def train(cfg: Config) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
         began = time.perf_counter()
-        micro = [collate([train_set[i] for i in stream.next_indices()]) for _ in range(t.gradient_accumulation_steps)]
+        micro = [task.collate([train_set[i] for i in stream.next_indices()]) for _ in range(t.gradient_accumulation_steps)]
         micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
         # normalise by the loss units of the whole accumulated batch on all processes, so the
         # update does not depend on how the batch is split into micro-batches or processes
-        local_units = sum(loss_units(mb, cfg.model.task) for mb in micro)
+        local_units = sum(task.units(mb) for mb in micro)
         units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), reduction="sum"))
         scale = accelerator.num_processes / max(units, 1)
         create_graph = optim.wants_create_graph(getattr(optimizer, "optimizer", optimizer))
-        task_loss, extra_totals = 0.0, {}
-        for mb in micro:
-            with accelerator.accumulate(model):
-                outputs = forward(model, mb)
-                loss = loss_sum(outputs.logits, mb, cfg.model.task) * scale
+        # accumulate as tensors: a float() per micro-batch would force a device sync each time
+        task_loss, extra_totals = torch.zeros((), device=accelerator.device), {}
+        for i, mb in enumerate(micro):
+            with micro_batch_context(accelerator, model, last=i == len(micro) - 1):
+                outputs, loss = task.forward_loss(model, mb)
+                loss = loss * scale
                 extras = hooks.extra_losses(mb, outputs, model)
                 total = loss + sum(extras.values()) / len(micro)
-                # accelerate (or DeepSpeed) divides by the accumulation steps; our scale already did
-                accelerator.backward(total * t.gradient_accumulation_steps, create_graph=create_graph)
-                task_loss += float(loss.detach()) / accelerator.num_processes
+                # accelerate (or DeepSpeed) divides by the accumulation steps and DDP/ZeRO average
+                # over processes; `scale` already normalised by the global unit count
+                # only ask for the gradient graph when the optimizer wants it (DeepSpeed's backward
+                # takes no such argument; double-backward optimizers are refused under it anyway)
+                accelerator.backward(total * t.gradient_accumulation_steps, **({"create_graph": True} if create_graph else {}))
+                task_loss += loss.detach() / accelerator.num_processes
                 for k, v in extras.items():
-                    extra_totals[k] = extra_totals.get(k, 0.0) + float(v.detach()) / len(micro)
+                    extra_totals[k] = extra_totals.get(k, 0.0) + v.detach() / len(micro)
+                # drop the graph now: after a create_graph backward it would outlive the step
+                del outputs, loss, total, extras
         grad_norm = _clip(accelerator, model, t.max_grad_norm)
         optimizer.step()
         step += 1
@@ -165,17 +156,17 @@ def train(cfg: Config) -> Path:
         tracker.advance()
 
         if step % t.log_every == 0 or step == t.max_steps:
-            loss_value = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), reduction="sum"))
+            loss_value = float(accelerator.reduce(task_loss, reduction="sum"))
             row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "epoch": round(stream.epoch, 4),
                    "tokens_per_s": window_units / max(window_time, 1e-9), "peak_rss_mb": _peak_rss_mb()}
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
-            row.update(extra_totals)
+            row.update({k: float(v) for k, v in extra_totals.items()})
             row.update(hooks.metrics())
             tracker.log(step, row)
             window_units, window_time = 0, 0.0
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and eval_set:
-            tracker.log(step, evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches))
+            tracker.log(step, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches))
         stopping = step == t.stop_after_steps and step < t.max_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
             state = {"step": step, "stream": stream.state_dict(), "wandb_id": tracker.wandb_id}
@@ -186,7 +177,7 @@ def train(cfg: Config) -> Path:
             return run_dir
 
     if eval_set:
-        metrics = evaluate(accelerator, model, eval_set, collate, t.batch_size, cfg.model.task, t.eval_batches)
+        metrics = evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches)
         tracker.log(step, metrics)
         tracker.write("final " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     save_final(accelerator, model, tokenizer, cfg, run_dir)
@@ -199,7 +190,7 @@ def train(cfg: Config) -> Path:
 
 def _clip(accelerator, model, max_norm: float | None) -> float | None:
     """Clip (unless disabled) and return the pre-clip global gradient norm."""
-    if checkpoint.is_deepspeed(accelerator):  # DeepSpeed clips inside its step (config gradient_clipping)
+    if is_deepspeed(accelerator):  # DeepSpeed clips inside its step (config gradient_clipping)
         norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
         return float(norm) if norm is not None else None
     params = [p for p in model.parameters() if p.grad is not None]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -105,7 +106,7 @@ def smollm2_model_dir() -> Path:
         # The GGUF loader marks the model quantized; a plain model from the same config accepts
         # the dequantized weights and is then trainable and serializable.
         del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM._model_mapping[type(config)](config).float()  # not from_config: see load_model
         plain.load_state_dict(quantized.state_dict(), strict=True)
         del quantized
         plain.save_pretrained(tmp)
@@ -194,19 +195,27 @@ def load_model(model_cfg, tokenizer):
     spec, task = model_cfg.name_or_path, model_cfg.task
     if task == "causal_lm" and spec in ENCODERS:
         raise UserError(f"'{spec}' is an encoder without a usable causal LM head", where="model.task",
-                        hint="use model.task=sequence_classification, or a decoder model")
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+                        hint="use model.task=sequence_classification, retrieval or reranking, or a decoder model")
+    # a bi-encoder is the bare encoder (the task pools its hidden states); a cross-encoder
+    # re-ranker is a classifier with one logit, the relevance score
+    auto = {"causal_lm": AutoModelForCausalLM, "retrieval": AutoModel}.get(task, AutoModelForSequenceClassification)
     kwargs = {"dtype": DTYPES[model_cfg.dtype]}
     if getattr(model_cfg, "attn_implementation", None):
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    labels = {"num_labels": model_cfg.num_labels} if task == "sequence_classification" else {}
+    labels = ({"num_labels": model_cfg.num_labels} if task == "sequence_classification"
+              else {"num_labels": 1} if task == "reranking" else {})
 
     source = resolve_model(spec)  # also validates tiny:NAME
     if spec.startswith("tiny:"):
         # a fixed seed makes a tiny model the same "pretrained" base in every run, export and test
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = auto.from_config(_tiny_config(spec, tokenizer, **labels), **kwargs)
+            config = _tiny_config(spec, tokenizer, **labels)
+            if kwargs.get("attn_implementation"):
+                config._attn_implementation = kwargs["attn_implementation"]
+            # the class's own constructor, not from_config: under ZeRO-3 from_config initialises
+            # inside deepspeed.zero.Init, whose partitioned init draws different random weights
+            model = auto._model_mapping[type(config)](config).to(kwargs["dtype"])
     else:
         try:
             model = auto.from_pretrained(source, **kwargs, **labels)

@@ -1,7 +1,7 @@
 """Data: read rows (sources, packaged), render them to tokens (formats), pack and collate (packing).
 
 `build_datasets` is the one call the loop needs: it returns plain lists of examples (dicts of
-token lists); the loop samples and collates them itself.
+token lists; for `pairs`, of the two texts); the loop samples them and its task collates them.
 """
 from __future__ import annotations
 

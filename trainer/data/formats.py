@@ -6,6 +6,10 @@ Formats (`data.format`):
 - chat:           {"messages": [{"role", "content"}, ...]}; the loss covers each assistant reply
                   and its end-of-turn token, as the tokenizer's chat template renders them.
 - classification: {"text", "label"}; one integer class id per row.
+- pairs:          {"query", "passage"}; a relevant passage per query, for retrieval and
+                  reranking. The texts are kept: each task tokenizes them itself (a bi-encoder
+                  apart, a cross-encoder as one pair sequence that only the tokenizer's own pair
+                  template builds correctly).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from jinja2 import TemplateError
 from trainer.errors import UserError
 
 IGNORE = -100
-FORMATS = ("text", "alpaca", "chat", "classification")
+FORMATS = ("text", "alpaca", "chat", "classification", "pairs")
+RANKING_TASKS = ("retrieval", "reranking")
 ROLES = ("system", "user", "assistant")
 CAUSAL_FORMATS = ("text", "alpaca", "chat")
 # A fixed prompt, so a tuned model is later queried with exactly the text it was trained on.
@@ -24,7 +29,7 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 
 def infer_format(rows: list[dict]) -> str:
     """The format the columns imply: messages→chat, instruction+output→alpaca,
-    text+label→classification, text→text."""
+    text+label→classification, query+passage→pairs, text→text."""
     columns = set(rows[0])
     if "messages" in columns:
         return "chat"
@@ -32,10 +37,12 @@ def infer_format(rows: list[dict]) -> str:
         return "alpaca"
     if {"text", "label"} <= columns:
         return "classification"
+    if {"query", "passage"} <= columns:
+        return "pairs"
     if "text" in columns:
         return "text"
     raise UserError(f"cannot infer the format from the columns {sorted(columns)}", where="data.format",
-                    hint="set data.format to text, alpaca, chat or classification, or rename the columns")
+                    hint="set data.format to text, alpaca, chat, classification or pairs, or rename the columns")
 
 
 def check_format(fmt: str, task: str, tokenizer) -> None:
@@ -49,13 +56,19 @@ def check_format(fmt: str, task: str, tokenizer) -> None:
     if task == "causal_lm" and fmt == "classification":
         raise UserError("format 'classification' needs model.task=sequence_classification",
                         where="data.format")
+    if task in RANKING_TASKS and fmt != "pairs":
+        raise UserError(f"format '{fmt}' cannot train model.task={task}", where="data.format",
+                        hint="use rows with query and passage and data.format=pairs")
+    if fmt == "pairs" and task not in RANKING_TASKS:
+        raise UserError(f"format 'pairs' needs model.task=retrieval or reranking, not {task}", where="data.format")
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError("chat format needs a tokenizer with a chat template, and this one has none",
                         where="data.format", hint="use a chat/instruct model, or data.format=text or alpaca")
 
 
 def render(row: dict, fmt: str, tokenizer, max_length: int, where: str) -> dict:
-    """Token ids and labels of one row; `where` ("FILE: row N") prefixes every error."""
+    """Token ids and labels of one row (for pairs: its two texts); `where` ("FILE: row N")
+    prefixes every error."""
     if fmt == "text":
         ids = _encode(tokenizer, _text(row, "text", where), special=True) + _eos(tokenizer)
         example = {"input_ids": ids, "labels": list(ids)}
@@ -63,6 +76,8 @@ def render(row: dict, fmt: str, tokenizer, max_length: int, where: str) -> dict:
         example = _alpaca(row, tokenizer, where)
     elif fmt == "chat":
         example = _chat(row, tokenizer, where)
+    elif fmt == "pairs":
+        return {"query": _nonempty(row, "query", where), "passage": _nonempty(row, "passage", where)}
     else:
         ids = _encode(tokenizer, _text(row, "text", where), special=True)
         return {"input_ids": ids[:max_length], "label": _label(row, where)}
@@ -153,6 +168,13 @@ def _text(row: dict, field: str, where: str) -> str:
         raise UserError(f"missing field '{field}'", where=where)
     if not isinstance(value, str):
         raise UserError(f"field '{field}' must be a string, got {type(value).__name__}", where=where)
+    return value
+
+
+def _nonempty(row: dict, field: str, where: str) -> str:
+    value = _text(row, field, where)
+    if not value.strip():
+        raise UserError(f"field '{field}' is empty", where=where)
     return value
 
 

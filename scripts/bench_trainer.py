@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Throughput and memory: our training loop vs HF `transformers.Trainer` + peft LoRA.
+
+Both sides train LoRA (r 8, alpha 16, dropout 0.05, q/k/v/o) on the packaged SmolLM2-135M-Instruct,
+chat SFT on packaged:chitchat, with AdamW (same lr, betas, eps, no weight decay), constant LR, grad
+clipping at 1.0, the same batch size, max_length and number of steps. Variants:
+
+  padded   ours (data.packing=false) vs HF on IDENTICAL micro-batches: the HF child builds the same
+           examples with our `build_datasets`, orders them with our `MicroBatchStream` (same seed),
+           and HF reads them with `train_sampling_strategy="sequential"` through our `Collator`, so
+           every micro-batch is the same tensor on both sides (checked: each side hashes its
+           batches and the parent compares the hashes).
+  packed   ours with data.packing=true (same max_length, same batch size in rows) vs the same HF
+           padded runs; the fair metric is loss tokens/s, since packing removes padding.
+  hfpacked (optional) HF fed exactly our packed rows (position_ids, no attention mask): isolates
+           loop overhead under packing.
+
+A "loss token" is a label position that enters the shifted next-token loss: (labels[:, 1:] != -100).
+Each run is its own subprocess (peak RSS = that child's ru_maxrss, from os.wait4). The step time of
+both sides is measured the same way, as the wall interval between consecutive optimizer-step ends
+(ours: `Tracker.advance`, called right after `zero_grad`; HF: `on_step_end`, called right after
+`zero_grad`), so it includes batch building, forward, backward, clipping and the optimizer step;
+the first `--warmup` steps are excluded, and each run reports the MEDIAN per-step loss-tokens/s.
+Ours is the real `trainer.loop.train(cfg)`: the harness only wraps `Tracker.advance` and
+the loop's per-micro-batch loss-unit count to take timestamps and hash batches; it does not re-implement anything.
+
+  /work/venv/bin/python scripts/bench_trainer.py                  # defaults: bs 2, len 128, 6 steps (2 warm-up), 3 repeats
+  /work/venv/bin/python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
+
+Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "smollm2-lora.yaml"
+
+
+# ---- shared by both children -------------------------------------------------------------------
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _config(spec: dict, packing: bool, output_dir: str):
+    from trainer.config import load_config
+
+    overrides = [
+        f"data.max_length={spec['max_length']}", f"data.packing={str(packing).lower()}",
+        "data.eval_fraction=0", f"data.max_examples={spec['max_examples']}",
+        f"train.max_steps={spec['steps']}", f"train.batch_size={spec['batch_size']}",
+        "train.gradient_accumulation_steps=1", "train.lr_schedule=constant", "train.warmup_steps=0",
+        "train.max_grad_norm=1.0", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
+        "train.sample_prompts=[]", f"train.seed={spec['seed']}", f"train.output_dir={output_dir}",
+        "train.overwrite=true", "tracking.wandb=false",
+    ]
+    return load_config(RECIPE, overrides)
+
+
+def _fingerprint(batch: dict) -> str:
+    h = hashlib.sha1()
+    for key in sorted(batch):
+        t = batch[key]
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _batch_stats(batch: dict) -> dict:
+    from trainer.data import count_loss_tokens
+
+    stats = {"loss_tokens": count_loss_tokens(batch["labels"]), "positions": int(batch["input_ids"].numel()),
+             "fp": _fingerprint(batch)}
+    if "attention_mask" in batch:
+        stats["input_tokens"] = int(batch["attention_mask"].sum())
+    return stats
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _vm(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- child: our loop ---------------------------------------------------------------------------
+
+def _hook_units(record) -> None:
+    """Call `record(batch)` on every training micro-batch of our loop, just before its forward:
+    wraps the loop's loss-unit count (the task's `units` method, or the older module-level
+    `trainer.loop.loss_units`), which the loop calls once per micro-batch."""
+    import trainer.loop as loop
+
+    try:
+        from trainer.tasks import TASKS
+    except ImportError:
+        TASKS = None
+    if TASKS is not None and "causal_lm" in TASKS:
+        cls = TASKS["causal_lm"]
+        real = cls.units
+
+        def units(self, batch):
+            record(batch)
+            return real(self, batch)
+
+        cls.units = units
+    else:
+        real = loop.loss_units
+
+        def loss_units(batch, task):
+            record(batch)
+            return real(batch, task)
+
+        loop.loss_units = loss_units
+
+
+def child_ours(spec: dict, result_path: Path) -> None:
+    _set_threads(spec["threads"])
+    import trainer.loop as loop
+    from trainer.tracking import Tracker
+
+    marks, batches, at_start = [], [], {}
+    real_advance = Tracker.advance
+
+    def record(mb):
+        if not at_start:
+            at_start.update(rss_mb=_vm("VmRSS"), hwm_mb=_vm("VmHWM"), threads=_threads())
+        batches.append(_batch_stats(mb))
+
+    def advance(self):  # called once per optimizer step, right after zero_grad
+        marks.append((time.perf_counter(), time.process_time()))
+        return real_advance(self)
+
+    _hook_units(record)
+    Tracker.advance = advance
+    run_dir = Path(spec["workdir"]) / f"ours-{spec['tag']}"
+    cfg = _config(spec, spec["packing"], str(run_dir))
+    loop.train(cfg)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [m for m in metrics if "tokens_per_s" in m]
+    _write_result(result_path, marks, batches, at_start,
+                  losses=[m["loss"] for m in steps],
+                  extra={"loop_tokens_per_s": [m["tokens_per_s"] for m in steps],
+                         "loop_peak_rss_mb": steps[-1]["peak_rss_mb"] if steps else None})
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---- child: HF Trainer -------------------------------------------------------------------------
+
+def child_hf(spec: dict, result_path: Path) -> None:
+    _set_threads(spec["threads"])
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import adapters
+    from adapters.lora import lora_config
+    from trainer.data import Collator, build_datasets
+    from trainer.models import load_model, load_tokenizer
+    from trainer.sampling import MicroBatchStream
+
+    out_dir = Path(spec["workdir"]) / f"hf-{spec['tag']}"
+    cfg = _config(spec, spec["packing"], str(out_dir))
+    t = cfg.train
+    # Same order of work as trainer.loop.train: seed, tokenizer, data, model, adapter.
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, _ = build_datasets(cfg.data, tokenizer, cfg.model.task, t.seed)
+    stream = MicroBatchStream(len(train_set), t.batch_size, t.seed)
+    ordered = [train_set[i] for _ in range(t.max_steps) for i in stream.next_indices()]
+    model = load_model(cfg.model, tokenizer)
+    ctx = adapters.BuildContext(cfg.model.task, t.max_steps, t.seed)
+    model = get_peft_model(model, lora_config(cfg.adapter, ctx))  # the LoraConfig our adapter builds
+
+    collate = Collator(tokenizer.pad_token_id, cfg.model.task, packed=cfg.data.packing)
+    marks, batches, at_start = [], [], {}
+
+    def collator(examples):
+        batch = collate(examples)
+        batches.append(_batch_stats(batch))
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            at_start.update(rss_mb=_vm("VmRSS"), hwm_mb=_vm("VmHWM"), threads=_threads())
+
+        def on_step_end(self, args, state, control, **kw):  # right after zero_grad
+            marks.append((time.perf_counter(), time.process_time()))
+
+    o = cfg.optim
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1,
+        max_steps=t.max_steps, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1], adam_epsilon=o.eps, optim="adamw_torch", lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed, use_cpu=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
+        remove_unused_columns=False, logging_steps=1, eval_strategy="no", save_strategy="no",
+        report_to="none",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ordered, data_collator=collator,
+                      processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    trainer.save_model(str(out_dir / "adapter"))  # as our loop saves its final adapter + tokenizer
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    _write_result(result_path, marks, batches, at_start, losses=losses, extra={})
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _write_result(path: Path, marks, batches, at_start, losses, extra) -> None:
+    result = {"marks": marks, "batches": batches, "losses": losses, "at_train_start": at_start,
+              "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+    path.write_text(json.dumps(result))
+
+
+# ---- parent ------------------------------------------------------------------------------------
+
+SIDES = {  # name -> (child kind, packing)
+    "ours-padded": ("ours", False),
+    "hf-padded": ("hf", False),
+    "ours-packed": ("ours", True),
+    "hf-packed": ("hf", True),
+}
+VARIANTS = {  # name -> (ours side, HF side)
+    "padded": ("ours-padded", "hf-padded"),
+    "packed": ("ours-packed", "hf-padded"),
+    "hfpacked": ("ours-packed", "hf-packed"),
+}
+
+
+def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
+    kind, packing = SIDES[side]
+    child_spec = {**spec, "packing": packing, "tag": f"{side}-{index}", "workdir": str(workdir)}
+    result_path = workdir / f"{side}-{index}.json"
+    log_path = workdir / f"{side}-{index}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(child_spec),
+           "--result", str(result_path)]
+    began = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"{side} run {index} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    raw = json.loads(result_path.read_text())
+    return summarise_run(side, raw, usage.ru_maxrss / 1024, wall, spec["warmup"])
+
+
+def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup: int) -> dict:
+    marks, batches = raw["marks"], raw["batches"]
+    n = len(marks)
+    assert len(batches) == n, f"{side}: {len(batches)} batches for {n} steps"
+    # step k (1-based) lasts from the end of step k-1 to the end of step k; steps 1..warmup are dropped
+    steady = [k for k in range(max(2, warmup + 1), n + 1)]
+    rates, cpu_rates, step_s = [], [], []
+    for k in steady:
+        dt = marks[k - 1][0] - marks[k - 2][0]
+        dcpu = marks[k - 1][1] - marks[k - 2][1]
+        tokens = batches[k - 1]["loss_tokens"]
+        rates.append(tokens / dt)
+        cpu_rates.append(tokens / dcpu)
+        step_s.append(dt)
+    total_tokens = sum(batches[k - 1]["loss_tokens"] for k in steady)
+    row = {
+        "side": side, "steps": n, "steady_steps": len(steady),
+        "median_loss_tokens_per_s": statistics.median(rates),
+        "pooled_loss_tokens_per_s": total_tokens / sum(step_s),
+        "median_loss_tokens_per_cpu_s": statistics.median(cpu_rates),
+        "median_step_s": statistics.median(step_s),
+        "per_step_loss_tokens_per_s": rates,
+        "loss_tokens_per_step": statistics.mean(b["loss_tokens"] for b in batches),
+        "positions_per_step": statistics.mean(b["positions"] for b in batches),
+        "peak_rss_mb": peak_rss_mb,
+        "rss_at_train_start_mb": raw["at_train_start"].get("rss_mb"),
+        "torch_threads": raw["at_train_start"].get("threads"),
+        "loadavg_1min_after": os.getloadavg()[0],
+        "wall_s": wall,
+        "losses": raw["losses"],
+        "fingerprints": [b["fp"] for b in batches],
+    }
+    if all("input_tokens" in b for b in batches):
+        row["input_tokens_per_step"] = statistics.mean(b["input_tokens"] for b in batches)
+    if "loop_tokens_per_s" in raw:  # the loop's own metric (same definition), as a cross-check
+        row["loop_reported_median_tokens_per_s"] = statistics.median(raw["loop_tokens_per_s"][len(raw["loop_tokens_per_s"]) - len(steady):])
+    return row
+
+
+def summarise(runs: list[dict], variants: list[str]) -> dict:
+    by_side: dict[str, list[dict]] = {}
+    for r in runs:
+        by_side.setdefault(r["side"], []).append(r)
+    med = lambda side, key: statistics.median(r[key] for r in by_side[side])  # noqa: E731
+    sides = {s: {k: med(s, k) for k in ("median_loss_tokens_per_s", "median_loss_tokens_per_cpu_s",
+                                        "median_step_s", "peak_rss_mb", "rss_at_train_start_mb",
+                                        "loss_tokens_per_step", "positions_per_step")}
+             for s in by_side}
+    for s in sides:
+        sides[s]["runs_loss_tokens_per_s"] = [round(r["median_loss_tokens_per_s"], 2) for r in by_side[s]]
+        sides[s]["runs_peak_rss_mb"] = [round(r["peak_rss_mb"], 1) for r in by_side[s]]
+    out = {"sides": sides, "variants": {}}
+    for v in variants:
+        ours, hf = VARIANTS[v]
+        paired = [o["median_loss_tokens_per_s"] / h["median_loss_tokens_per_s"]
+                  for o, h in zip(by_side[ours], by_side[hf])]
+        out["variants"][v] = {
+            "ours": ours, "hf": hf,
+            "speed_ratio": sides[ours]["median_loss_tokens_per_s"] / sides[hf]["median_loss_tokens_per_s"],
+            "speed_ratio_paired_runs": paired,
+            "cpu_speed_ratio": sides[ours]["median_loss_tokens_per_cpu_s"] / sides[hf]["median_loss_tokens_per_cpu_s"],
+            "rss_ratio": sides[ours]["peak_rss_mb"] / sides[hf]["peak_rss_mb"],
+        }
+        if v in ("padded", "hfpacked"):  # identical batches: prove it
+            same = all(o["fingerprints"] == h["fingerprints"] for o, h in zip(by_side[ours], by_side[hf]))
+            out["variants"][v]["identical_batches"] = same
+            out["variants"][v]["step1_loss"] = {"ours": by_side[ours][0]["losses"][:1], "hf": by_side[hf][0]["losses"][:1]}
+    return out
+
+
+def print_table(summary: dict, spec: dict) -> None:
+    print(f"\nSmolLM2-135M-Instruct LoRA r8 q/k/v/o, packaged:chitchat (chat), bs {spec['batch_size']}, "
+          f"max_length {spec['max_length']}, {spec['steps']} steps (first {spec['warmup']} excluded), "
+          f"{spec['repeats']} repeats, {spec['threads']} threads, fp32 CPU")
+    hdr = f"{'side':<12} {'loss tok/s':>10} {'tok/cpu-s':>10} {'step s':>7} {'loss tok/step':>13} {'positions/step':>14} {'peak RSS MB':>11}  runs (tok/s)"
+    print(hdr)
+    print("-" * len(hdr))
+    for side, s in summary["sides"].items():
+        print(f"{side:<12} {s['median_loss_tokens_per_s']:>10.2f} {s['median_loss_tokens_per_cpu_s']:>10.2f} "
+              f"{s['median_step_s']:>7.2f} {s['loss_tokens_per_step']:>13.1f} {s['positions_per_step']:>14.1f} "
+              f"{s['peak_rss_mb']:>11.0f}  {s['runs_loss_tokens_per_s']}")
+    print()
+    hdr = f"{'variant':<9} {'ours/HF tok/s':>13} {'paired runs':>22} {'ours/HF tok/cpu-s':>17} {'ours/HF RSS':>11}  batches"
+    print(hdr)
+    print("-" * len(hdr))
+    for v, r in summary["variants"].items():
+        paired = "/".join(f"{x:.2f}" for x in r["speed_ratio_paired_runs"])
+        ident = {True: "identical", False: "DIFFER"}.get(r.get("identical_batches"), "-")
+        print(f"{v:<9} {r['speed_ratio']:>13.3f} {paired:>22} {r['cpu_speed_ratio']:>17.3f} {r['rss_ratio']:>11.3f}  {ident}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the medians")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-examples", type=int, default=512, help="data.max_examples (documents before packing)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--variants", default="padded,packed", help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench" / "bench_trainer.json"))
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.child:
+        (child_ours if a.child == "ours" else child_hf)(json.loads(a.spec), Path(a.result))
+        return
+
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choices: {', '.join(VARIANTS)}")
+    if a.steps < a.warmup + 2:
+        p.error("--steps must leave at least 2 steps after --warmup")
+    spec = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "repeats": a.repeats,
+            "warmup": a.warmup, "threads": a.threads, "max_examples": a.max_examples, "seed": a.seed}
+    # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
+    # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed).
+    order = []
+    for v in variants:
+        for side in VARIANTS[v]:
+            if side not in order:
+                order.append(side)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_trainer."))
+    runs = []
+    began = time.perf_counter()
+    try:
+        for rep in range(a.repeats):
+            for side in order:
+                r = run_child(side, spec, workdir, rep)
+                runs.append(r)
+                print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.repeats} {side:<12} "
+                      f"median {r['median_loss_tokens_per_s']:7.2f} loss tok/s  step {r['median_step_s']:.2f}s  "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB  (run {r['wall_s']:.0f}s, load {r['loadavg_1min_after']:.1f})", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarise(runs, variants)
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    result = {
+        "config": {**spec, "variants": variants, "model": "packaged:smollm2-135m-instruct", "data": "packaged:chitchat",
+                   "format": "chat", "adapter": "lora r=8 alpha=16 dropout=0.05 q/k/v/o", "optimizer":
+                   "AdamW lr 1e-3 betas (0.9,0.999) eps 1e-8 wd 0, constant LR, clip 1.0", "dtype": "float32"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                    "loadavg_at_end": os.getloadavg()},
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "fingerprints"} for r in runs],
+        "total_wall_s": time.perf_counter() - began,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({"config": result["config"], "summary": summary}, indent=1))
+    print_table(summary, spec)
+    print(f"\nwrote {out}; total {result['total_wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""MiniLM dense retrieval: IAA against LoRA, bottleneck adapters, prefix tuning, BitFit and full
+fine-tuning at about equal trainable-parameter budgets, on chatterbot Q&A (question -> answer)
+and BYU chit-chat (turn -> next turn), several seeds.
+
+Every run goes through the real trainer (trainer.cli.main, in this process, so imports and data
+load once): the packaged all-MiniLM-L6-v2 bi-encoder, InfoNCE with in-batch negatives, MRR@10
+and Recall@k against every held-out passage. The held-out split is fixed once per dataset
+(written under --workdir) so seeds change only the adapter initialisation and the data order,
+and one zero-shot evaluation per dataset gives the starting point.
+
+  OMP_NUM_THREADS=1 python scripts/experiments/retrieval.py --out docs/results/retrieval.md
+
+prints one JSON line per run, writes all runs to <out>.json and the tables to <out> (a section
+after the line `<!-- reading -->` in an existing <out> is kept, so a written reading survives
+a rerun).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+READING_MARK = "<!-- reading -->"
+MODEL = "packaged:all-minilm-l6-v2"
+
+# Held-out split per dataset. Chatterbot: a seeded random 15 % (a question may keep other answers
+# in training, as an FAQ would). Chit-chat rows chain turn to turn in file order, so the held-out
+# rows are one contiguous block at the end (whole conversations, no neighbour turns in training).
+DATASETS = {
+    "chatterbot": {"source": "chatterbot_qa_pairs", "eval": ("random", 0.15), "train_rows": None},
+    "chitchat": {"source": "chitchat_next_turn", "eval": ("tail", 400), "train_rows": 5000},
+}
+
+# Method -> (adapter overrides, learning rate). Budgets: ~75k trainable parameters (0.3 % of 22.7M)
+# except BitFit (all biases, ~26k) and full fine-tuning (everything).
+METHODS = {
+    # IAA = Houlsby-placed inside modules of width 4 + aside modules of width 4; `bottleneck` is the same
+    # placement at width 8 with no pathway: the scattered counterpart at the same budget
+    "iaa": (["adapter.type=iaa", "adapter.r=4", "adapter.aside_r=4", "adapter.pathway=chain"], 2e-3),
+    "lora": (["adapter.type=lora", "adapter.r=8", "adapter.alpha=16", "adapter.dropout=0",
+              "adapter.target_modules=[query,value]"], 2e-3),
+    "bottleneck": (["adapter.type=bottleneck", "adapter.r=8"], 2e-3),
+    "prefix": (["adapter.type=prefix", "adapter.num_virtual_tokens=16"], 1e-2),
+    "bitfit": (["adapter.type=bitfit"], 2e-3),
+    "full": (["adapter.type=none"], 5e-5),
+}
+
+
+def common_overrides(steps: int, eval_every: int, batch_size: int, max_length: int) -> list[str]:
+    return [f"model.name_or_path={MODEL}", "model.task=retrieval", "model.temperature=0.05", "data.format=pairs",
+            f"data.max_length={max_length}", "optim.name=adamw", "optim.weight_decay=0", f"train.batch_size={batch_size}",
+            f"train.max_steps={steps}", f"train.eval_every={eval_every}", "train.lr_schedule=constant",
+            "train.warmup_steps=3", "train.log_every=1", "train.overwrite=true", "tracking.wandb=false"]
+
+
+def write_split(name: str, workdir: Path) -> tuple[Path, Path]:
+    """Fixed train/eval jsonl files of a dataset (written once)."""
+    from trainer.data import packaged
+
+    spec = DATASETS[name]
+    train_path, eval_path = workdir / f"{name}-train.jsonl", workdir / f"{name}-eval.jsonl"
+    if train_path.exists() and eval_path.exists():
+        return train_path, eval_path
+    rows = packaged.load(spec["source"], "data.path")
+    kind, amount = spec["eval"]
+    if kind == "random":
+        held = set(random.Random(1234).sample(range(len(rows)), round(amount * len(rows))))
+        train = [r for i, r in enumerate(rows) if i not in held]
+        evaluation = [r for i, r in enumerate(rows) if i in held]
+    else:
+        train, evaluation = rows[:-amount], rows[-amount:]
+        # the block boundary may split one conversation: drop training rows that share a text with it
+        texts = {r["query"] for r in evaluation} | {r["passage"] for r in evaluation}
+        train = [r for r in train if r["query"] not in texts and r["passage"] not in texts]
+    if spec["train_rows"]:
+        train = train[:spec["train_rows"]]
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path, part in ((train_path, train), (eval_path, evaluation)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return train_path, eval_path
+
+
+def run(overrides: list[str]) -> int:
+    """trainer.cli.main in this process, with accelerate's singletons reset between runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from trainer.cli import main
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return main(overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def trainable_parameters(method: str) -> int:
+    """Count by building the method on the model exactly as the trainer does."""
+    import adapters
+    from trainer.config import load_config
+    from trainer.models import load_model, load_tokenizer
+
+    cfg = load_config(None, common_overrides(1, 0, 1, 8) + METHODS[method][0] + ["data.path=packaged:chatterbot_qa_pairs"])
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    wrapped, _ = adapters.ADAPTERS[cfg.adapter.type].build(model, cfg.adapter, adapters.BuildContext("retrieval", 1, 0))
+    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+
+
+def summarise(rows: list[dict], threshold: float, batch_size: int) -> dict:
+    evals = [r for r in rows if "eval/mrr@10" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    reached = next((r["step"] for r in evals if r["eval/mrr@10"] >= threshold), None)
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # step 1 pays one-off warm-up
+    half = losses[len(losses) // 2:]
+    return {
+        "curve": {r["step"]: r["eval/mrr@10"] for r in evals},
+        "mrr@10": evals[-1]["eval/mrr@10"], "recall@1": evals[-1]["eval/recall@1"],
+        "recall@5": evals[-1]["eval/recall@5"], "recall@10": evals[-1]["eval/recall@10"],
+        "steps_to_threshold": reached,
+        "loss_std_second_half": statistics.pstdev(half) if len(half) > 1 else 0.0,
+        "final_loss": losses[-1],
+        "s_per_step": batch_size / statistics.median(speeds) if speeds else None,
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tables(results: list[dict], zero_shot: dict, params: dict, args, command: str) -> str:
+    out = ["# MiniLM retrieval: IAA vs LoRA, bottleneck, prefix, BitFit, full fine-tuning", "",
+           "Generated by `scripts/experiments/retrieval.py`; exact command:", "", "```", command, "```", "",
+           f"Model `{MODEL}` (bi-encoder, mean pooling, cosine), InfoNCE with in-batch negatives, "
+           f"temperature 0.05, batch {args.batch_size} queries, max_length {args.max_length}, "
+           f"{args.steps} steps, constant LR after 3 warm-up steps, AdamW (no weight decay), "
+           f"evaluation every {args.eval_every} steps. Seeds: {args.seeds} (adapter init and data order; the held-out "
+           "split is fixed per dataset). MRR@10 and Recall@k rank every query against **all** distinct held-out "
+           "passages. Mean ± standard deviation over seeds.", ""]
+    out += ["## Trainable parameters and learning rates", "", "| method | trainable | % of 22.7M | LR |", "|---|---:|---:|---:|"]
+    total = params.get("full")
+    for m in args.methods:
+        share = f"{100 * params[m] / total:.2f}" if total else "-"
+        out.append(f"| {m} | {params[m]:,} | {share} | {METHODS[m][1]:g} |")
+    for ds in args.datasets:
+        rows = [r for r in results if r["dataset"] == ds]
+        if not rows:
+            continue
+        zs = zero_shot[ds]
+        out += ["", f"## {ds}: {rows[0]['train_rows']} training pairs, {zs['pool']} held-out passages, "
+                f"{zs['queries']} queries", "",
+                f"Zero-shot (no training): MRR@10 {zs['eval/mrr@10']:.3f}, R@1 {zs['eval/recall@1']:.3f}, "
+                f"R@10 {zs['eval/recall@10']:.3f}. Threshold for 'steps to reach': MRR@10 ≥ {zs['threshold']:.3f} "
+                f"(zero-shot + {args.margin}).", "",
+                "| method | MRR@10 | R@1 | R@5 | R@10 | MRR@10 by step | steps to threshold | loss std, 2nd half | s/step |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for m in args.methods:
+            mr = [r for r in rows if r["method"] == m]
+            if not mr:
+                continue
+            steps = sorted(mr[0]["curve"])
+            curve = " / ".join(f"{statistics.mean(r['curve'][s] for r in mr):.3f}" for s in steps)
+            reached = [r["steps_to_threshold"] for r in mr]
+            reach = ", ".join("never" if s is None else str(s) for s in reached)
+            times = [r["s_per_step"] for r in mr if r["s_per_step"]]
+            out.append(f"| {m} | {mean_std([r['mrr@10'] for r in mr])} | {mean_std([r['recall@1'] for r in mr])} | "
+                       f"{mean_std([r['recall@5'] for r in mr])} | {mean_std([r['recall@10'] for r in mr])} | {curve} | "
+                       f"{reach} | {mean_std([r['loss_std_second_half'] for r in mr])} | "
+                       f"{statistics.median(times):.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--margin", type=float, default=0.05, help="steps-to-threshold: zero-shot MRR@10 + margin")
+    p.add_argument("--lr", action="append", default=[], help="METHOD=LR, overrides the table above")
+    p.add_argument("--workdir", default="/tmp/peftforge-retrieval")
+    p.add_argument("--out", default=None, help="markdown file for the tables (and <out>.json)")
+    args = p.parse_args()
+    command = "OMP_NUM_THREADS=1 python scripts/experiments/retrieval.py " + " ".join(sys.argv[1:])
+    args.datasets, args.methods = args.datasets.split(","), args.methods.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    for item in args.lr:
+        method, value = item.split("=")
+        METHODS[method] = (METHODS[method][0], float(value))
+    workdir = Path(args.workdir)
+    started = time.perf_counter()
+
+    params = {m: trainable_parameters(m) for m in dict.fromkeys(args.methods + ["full"])}
+    common = common_overrides(args.steps, args.eval_every, args.batch_size, args.max_length)
+    results, zero_shot = [], {}
+    for ds in args.datasets:
+        train_path, eval_path = write_split(ds, workdir)
+        data = [f"data.path={train_path}", f"data.eval_path={eval_path}"]
+        n_train = sum(1 for _ in train_path.open())
+        evaluation = [json.loads(line) for line in eval_path.open()]
+        zs_dir = workdir / "runs" / f"{ds}-zero-shot"
+        # one step at a vanishing LR: the evaluation is the untouched model's (LoRA starts as identity)
+        assert run([*common, *data, *METHODS["lora"][0], "optim.lr=1e-12", "train.max_steps=1",
+                    "train.eval_every=0", f"train.output_dir={zs_dir}"]) == 0
+        zs = read_metrics(zs_dir)[-1]
+        zs.update(pool=len({r["passage"] for r in evaluation}), queries=len({r["query"] for r in evaluation}),
+                  threshold=round(zs["eval/mrr@10"] + args.margin, 3))
+        zero_shot[ds] = zs
+        print(json.dumps({"dataset": ds, "zero_shot": zs}), flush=True)
+        for seed in args.seeds:
+            for m in args.methods:
+                overrides, lr = METHODS[m]
+                out = workdir / "runs" / f"{ds}-{m}-s{seed}"
+                began = time.perf_counter()
+                assert run([*common, *data, *overrides, f"optim.lr={lr}", f"train.seed={seed}",
+                            f"train.output_dir={out}"]) == 0
+                row = {"dataset": ds, "method": m, "seed": seed, "lr": lr, "params": params[m], "train_rows": n_train,
+                       "wall_s": round(time.perf_counter() - began, 1),
+                       **summarise(read_metrics(out), zs["threshold"], args.batch_size)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+    print(json.dumps({"total_wall_min": round((time.perf_counter() - started) / 60, 1)}), flush=True)
+    if args.out:
+        out = Path(args.out)
+        reading = ""
+        if out.exists() and READING_MARK in out.read_text():
+            reading = out.read_text().split(READING_MARK, 1)[1]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(tables(results, zero_shot, params, args, command) + "\n" + READING_MARK + reading)
+        out.with_suffix(".json").write_text(json.dumps({"zero_shot": zero_shot, "params": params, "runs": results},
+                                                       indent=1))
+
+
+if __name__ == "__main__":
+    main()
