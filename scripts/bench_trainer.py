@@ -24,10 +24,11 @@ the first `--warmup` steps are excluded, and each run reports the MEDIAN per-ste
 Ours is the real `trainer.loop.train(cfg)`: the harness only wraps `Tracker.advance` and
 the loop's per-micro-batch loss-unit count to take timestamps and hash batches; it does not re-implement anything.
 
-  /work/venv/bin/python scripts/bench_trainer.py                  # defaults: bs 2, len 128, 6 steps (2 warm-up), 3 repeats
+  /work/venv/bin/python scripts/bench_trainer.py     # defaults: bs 4, len 128, 8 steps (3 warm-up), 3 repeats
   /work/venv/bin/python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
 
-Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child.
+Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child, and
+OMP_WAIT_POLICY to --omp-wait-policy (PASSIVE), identically for both sides.
 """
 from __future__ import annotations
 
@@ -257,6 +258,9 @@ def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("OMP_WAIT_POLICY", None)
+    if spec.get("omp_wait_policy"):
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(child_spec),
            "--result", str(result_path)]
     began = time.perf_counter()
@@ -307,7 +311,8 @@ def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup:
     if all("input_tokens" in b for b in batches):
         row["input_tokens_per_step"] = statistics.mean(b["input_tokens"] for b in batches)
     if "loop_tokens_per_s" in raw:  # the loop's own metric (same definition), as a cross-check
-        row["loop_reported_median_tokens_per_s"] = statistics.median(raw["loop_tokens_per_s"][len(raw["loop_tokens_per_s"]) - len(steady):])
+        reported = raw["loop_tokens_per_s"]
+        row["loop_reported_median_tokens_per_s"] = statistics.median(reported[len(reported) - len(steady):])
     return row
 
 
@@ -335,18 +340,25 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
             "cpu_speed_ratio": sides[ours]["median_loss_tokens_per_cpu_s"] / sides[hf]["median_loss_tokens_per_cpu_s"],
             "rss_ratio": sides[ours]["peak_rss_mb"] / sides[hf]["peak_rss_mb"],
         }
-        if v in ("padded", "hfpacked"):  # identical batches: prove it
+        if v in ("padded", "hfpacked"):  # identical batches: prove it, and pair the steps
             same = all(o["fingerprints"] == h["fingerprints"] for o, h in zip(by_side[ours], by_side[hf]))
             out["variants"][v]["identical_batches"] = same
-            out["variants"][v]["step1_loss"] = {"ours": by_side[ours][0]["losses"][:1], "hf": by_side[hf][0]["losses"][:1]}
+            if same:  # step k of run i holds the same batch on both sides
+                out["variants"][v]["speed_ratio_paired_steps"] = statistics.median(
+                    a / b for o, h in zip(by_side[ours], by_side[hf])
+                    for a, b in zip(o["per_step_loss_tokens_per_s"], h["per_step_loss_tokens_per_s"]))
+            out["variants"][v]["step1_loss"] = {"ours": by_side[ours][0]["losses"][:1],
+                                                "hf": by_side[hf][0]["losses"][:1]}
     return out
 
 
 def print_table(summary: dict, spec: dict) -> None:
     print(f"\nSmolLM2-135M-Instruct LoRA r8 q/k/v/o, packaged:chitchat (chat), bs {spec['batch_size']}, "
           f"max_length {spec['max_length']}, {spec['steps']} steps (first {spec['warmup']} excluded), "
-          f"{spec['repeats']} repeats, {spec['threads']} threads, fp32 CPU")
-    hdr = f"{'side':<12} {'loss tok/s':>10} {'tok/cpu-s':>10} {'step s':>7} {'loss tok/step':>13} {'positions/step':>14} {'peak RSS MB':>11}  runs (tok/s)"
+          f"{spec['repeats']} repeats, {spec['threads']} threads, "
+          f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'unset'}, fp32 CPU")
+    hdr = (f"{'side':<12} {'loss tok/s':>10} {'tok/cpu-s':>10} {'step s':>7} {'loss tok/step':>13} "
+           f"{'positions/step':>14} {'peak RSS MB':>11}  runs (tok/s)")
     print(hdr)
     print("-" * len(hdr))
     for side, s in summary["sides"].items():
@@ -354,23 +366,30 @@ def print_table(summary: dict, spec: dict) -> None:
               f"{s['median_step_s']:>7.2f} {s['loss_tokens_per_step']:>13.1f} {s['positions_per_step']:>14.1f} "
               f"{s['peak_rss_mb']:>11.0f}  {s['runs_loss_tokens_per_s']}")
     print()
-    hdr = f"{'variant':<9} {'ours/HF tok/s':>13} {'paired runs':>22} {'ours/HF tok/cpu-s':>17} {'ours/HF RSS':>11}  batches"
+    hdr = (f"{'variant':<9} {'ours/HF tok/s':>13} {'paired runs':>22} {'paired steps':>12} {'ours/HF tok/cpu-s':>17} "
+           f"{'ours/HF RSS':>11}  batches")
     print(hdr)
     print("-" * len(hdr))
     for v, r in summary["variants"].items():
         paired = "/".join(f"{x:.2f}" for x in r["speed_ratio_paired_runs"])
         ident = {True: "identical", False: "DIFFER"}.get(r.get("identical_batches"), "-")
-        print(f"{v:<9} {r['speed_ratio']:>13.3f} {paired:>22} {r['cpu_speed_ratio']:>17.3f} {r['rss_ratio']:>11.3f}  {ident}")
+        steps = f"{r['speed_ratio_paired_steps']:.3f}" if "speed_ratio_paired_steps" in r else "-"
+        print(f"{v:<9} {r['speed_ratio']:>13.3f} {paired:>22} {steps:>12} {r['cpu_speed_ratio']:>17.3f} "
+              f"{r['rss_ratio']:>11.3f}  {ident}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the medians")
+    p.add_argument("--warmup", type=int, default=3, help="leading steps excluded from the medians")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY for both sides; PASSIVE keeps idle OpenMP threads from spinning, "
+                        "which on a shared, oversubscribed CPU otherwise dominates (and randomises) step "
+                        "times; '' leaves it unset")
     p.add_argument("--max-examples", type=int, default=512, help="data.max_examples (documents before packing)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--variants", default="padded,packed", help="comma list of: " + ", ".join(VARIANTS))
@@ -391,7 +410,8 @@ def main() -> None:
     if a.steps < a.warmup + 2:
         p.error("--steps must leave at least 2 steps after --warmup")
     spec = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "repeats": a.repeats,
-            "warmup": a.warmup, "threads": a.threads, "max_examples": a.max_examples, "seed": a.seed}
+            "warmup": a.warmup, "threads": a.threads, "omp_wait_policy": a.omp_wait_policy,
+            "max_examples": a.max_examples, "seed": a.seed}
     # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
     # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed).
     order = []
@@ -409,7 +429,8 @@ def main() -> None:
                 runs.append(r)
                 print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.repeats} {side:<12} "
                       f"median {r['median_loss_tokens_per_s']:7.2f} loss tok/s  step {r['median_step_s']:.2f}s  "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB  (run {r['wall_s']:.0f}s, load {r['loadavg_1min_after']:.1f})", flush=True)
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB  (run {r['wall_s']:.0f}s, "
+                      f"load {r['loadavg_1min_after']:.1f})", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarise(runs, variants)

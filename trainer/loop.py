@@ -133,6 +133,7 @@ def train(cfg: Config) -> Path:
                 outputs, loss = task.forward_loss(model, mb)
                 loss = loss * scale
                 extras = hooks.extra_losses(mb, outputs, model)
+                del outputs  # the logits are not needed by backward; free them before it runs
                 total = loss + sum(extras.values()) / len(micro)
                 # accelerate (or DeepSpeed) divides by the accumulation steps and DDP/ZeRO average
                 # over processes; `scale` already normalised by the global unit count
@@ -143,7 +144,7 @@ def train(cfg: Config) -> Path:
                 for k, v in extras.items():
                     extra_totals[k] = extra_totals.get(k, 0.0) + v.detach() / len(micro)
                 # drop the graph now: after a create_graph backward it would outlive the step
-                del outputs, loss, total, extras
+                del loss, total, extras
         grad_norm = _clip(accelerator, model, t.max_grad_norm)
         optimizer.step()
         step += 1

@@ -19,9 +19,10 @@ def forward(model, batch: dict, prefix: str = ""):
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of per-token next-token cross-entropy; label -100 marks positions without a loss."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    # shift the labels, not the logits: slicing the logits would copy the largest tensor of the step
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
+                           reduction="sum")
 
 
 def class_loss_sum(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

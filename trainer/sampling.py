@@ -18,10 +18,13 @@ class MicroBatchStream:
         self.n, self.batch_size, self.seed = n_examples, batch_size, seed
         self.rank, self.world_size, self.per_epoch = rank, world_size, per_epoch
         self.position = 0  # micro-batches consumed by each process so far
+        self._cached_epoch, self._cached_order = -1, None
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        if self._cached_epoch != epoch:  # one permutation per epoch, not per micro-batch
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached_epoch, self._cached_order = epoch, torch.randperm(self.n, generator=g)
+        return self._cached_order
 
     def next_indices(self) -> list[int]:
         epoch, i = divmod(self.position, self.per_epoch)
