@@ -10,10 +10,11 @@ from typing import Literal, Optional
 
 import torch
 from peft import AdaLoraConfig, get_peft_model
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from adapters.base import AdapterOptions, AdapterSpec, BuildContext, MethodHooks, register_adapter
 from adapters.tasks import peft_task_type
+from trainer.errors import UserError
 
 
 class AdaLoraOptions(AdapterOptions):
@@ -29,6 +30,12 @@ class AdaLoraOptions(AdapterOptions):
     beta1: float = Field(0.85, gt=0, lt=1, description="EMA of sensitivity")
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA of uncertainty")
     orth_reg_weight: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _prunes(self) -> "AdaLoraOptions":
+        if self.target_r >= self.init_r:  # peft would fail at its first pruning step
+            raise ValueError(f"target_r ({self.target_r}) must be below init_r ({self.init_r}): AdaLoRA prunes ranks")
+        return self
 
 
 def orthogonality_penalty(model: torch.nn.Module) -> torch.Tensor:
@@ -72,6 +79,9 @@ def _tuner(model):
 
 
 def build_adalora(model, opts: AdaLoraOptions, ctx: BuildContext):
+    if opts.tinit + opts.tfinal >= ctx.total_steps:
+        raise UserError(f"tinit + tfinal ({opts.tinit} + {opts.tfinal}) leaves no steps for AdaLoRA to reallocate "
+                        f"ranks in train.max_steps={ctx.total_steps}", where="adapter.tinit", hint="lower tinit/tfinal")
     cfg = AdaLoraConfig(
         init_r=opts.init_r, target_r=opts.target_r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
         target_modules=opts.target_modules, tinit=opts.tinit, tfinal=opts.tfinal, deltaT=opts.delta_t,

@@ -11,8 +11,9 @@ and the same target modules (q/k/v/o projections) at the same rank.
 
 Timing: all methods live in one process; each round times one step of every method, in an order
 that rotates from round to round, so drifts in machine load hit all methods alike. The first
---warmup rounds are dropped; the table gives the median and interquartile range of the rest and
-the ratio of medians to LoRA. Memory: one subprocess per method (run alongside) loads the model,
+--warmup rounds are dropped; the table gives the median and interquartile range of the rest, the
+ratio of medians to LoRA and the paired ratio (median over rounds of the step time over LoRA's in
+the same round; the ceilings are checked on it). Memory: one subprocess per method (run alongside) loads the model,
 builds the adapter, resets the kernel's peak-RSS mark (/proc/self/clear_refs) and runs the same
 steps; "step peak" is the peak RSS during training minus the RSS of the built model: optimizer
 state, gradients, activations and the methods' extras (BA-LoRA's teacher logits).
@@ -152,12 +153,17 @@ def time_alternating(runners: list[Runner], warmup: int, rounds: int) -> dict[st
 
 
 def summarise(times: dict[str, list[float]]) -> dict[str, dict]:
+    """Medians, and the ratio to LoRA twice: of the medians, and the median of the per-round
+    ratios (each step against LoRA's step of the same round, which cancels slow drifts in load)."""
     ref = statistics.median(times["lora"])
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        paired = [t / r for t, r in zip(ts, times["lora"])]
+        pq = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
         out[name] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2], "min_s": min(ts),
-                     "ratio_to_lora": statistics.median(ts) / ref, "n": len(ts)}
+                     "ratio_to_lora": statistics.median(ts) / ref, "paired_ratio": statistics.median(paired),
+                     "paired_ratio_q1": pq[0], "paired_ratio_q3": pq[2], "n": len(ts), "times_s": ts}
     return out
 
 
@@ -278,16 +284,17 @@ def profile_balora(runner: Runner, repeats: int) -> dict:
 # ----- report --------------------------------------------------------------------------------------
 def table(result: dict) -> str:
     t, m = result["time"], result.get("memory", {})
-    lines = [f"{'method':14} {'params':>10} {'median s':>9} {'IQR s':>15} {'x LoRA':>7} {'ceiling':>8} "
-             f"{'step peak MB':>12} {'x LoRA':>7} {'build s':>8}"]
+    lines = [f"{'method':14} {'params':>10} {'median s':>9} {'IQR s':>15} {'x LoRA':>7} {'paired x LoRA (IQR)':>20} "
+             f"{'ceiling':>8} {'step peak MB':>12} {'x LoRA':>7} {'build s':>8}"]
     for name, row in t.items():
         ceiling = CEILINGS.get(name)
-        verdict = "" if ceiling is None else f"{ceiling:.2f}{' ok' if row['ratio_to_lora'] <= ceiling else ' OVER'}"
+        verdict = "" if ceiling is None else f"{ceiling:.2f}{' ok' if row['paired_ratio'] <= ceiling else ' OVER'}"
         mem = m.get(name, {})
         peak = f"{mem['step_peak_mb']:12.0f} {mem['step_peak_ratio_to_lora']:7.2f}" if mem else f"{'-':>12} {'-':>7}"
+        paired = f"{row['paired_ratio']:.2f} ({row['paired_ratio_q1']:.2f}-{row['paired_ratio_q3']:.2f})"
         lines.append(f"{name:14} {result['trainable_params'][name]:>10,} {row['median_s']:9.3f} "
-                     f"{row['q1_s']:7.3f}-{row['q3_s']:<7.3f} {row['ratio_to_lora']:7.2f} {verdict:>8} {peak} "
-                     f"{result['build_s'][name]:8.2f}")
+                     f"{row['q1_s']:7.3f}-{row['q3_s']:<7.3f} {row['ratio_to_lora']:7.2f} {paired:>20} {verdict:>8} "
+                     f"{peak} {result['build_s'][name]:8.2f}")
     return "\n".join(lines)
 
 

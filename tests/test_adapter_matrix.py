@@ -77,8 +77,6 @@ TASK_OPTIONS = {
 # their checkpoint, reload and merge are still checked
 PLATEAU = {
     ("bitfit", "sequence_classification"): "biases alone cannot separate the near-identical [CLS] features of the random tiny BERT",
-    ("iaa", "sequence_classification"): "FFN-output inside/aside modules stay on the random tiny BERT's plateau "
-                                        "(bottleneck adapters with as many parameters leave it)",
 }
 
 
@@ -104,9 +102,8 @@ def trained(tmp_path_factory):
         if (name, task) not in cache:
             out = root / f"{name}-{task}"
             data = [f"data.path={sentiment}", f"data.eval_path={sentiment}"] if task != "causal_lm" else []
-            args = _args(out, name, task, data)
-            assert run_inprocess(*args) == 0, f"{name} on {task} failed"
-            cache[(name, task)] = _rebuild(out, args)
+            assert run_inprocess(*_args(out, name, task, data)) == 0, f"{name} on {task} failed"
+            cache[(name, task)] = _rebuild(out)
         return cache[(name, task)]
 
     return get
@@ -123,11 +120,10 @@ def _fresh_base(cfg, tokenizer):
     return load_model(cfg.model, tokenizer)
 
 
-def _rebuild(run_dir: Path, args: list[str]) -> dict:
-    """The trained model from the final checkpoint: base + build + method state + weights by name."""
-    # from the command line, not the run's config.yaml: that file keeps only the base fields of
-    # the adapter/optim sections (Config.to_dict serialises them as the declared base classes)
-    cfg = load_config(None, args)
+def _rebuild(run_dir: Path) -> dict:
+    """The trained model from the final checkpoint: the run's saved config.yaml, a fresh base, the
+    method's build, the method state and the trainable weights by name."""
+    cfg = load_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     spec = adapters.ADAPTERS[cfg.adapter.type]
     model, hooks = spec.build(_fresh_base(cfg, tokenizer), cfg.adapter,

@@ -54,3 +54,13 @@ def test_user_error_exits_2_without_traceback_as_a_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: optim.lr")
     assert not (tmp_path / "run").exists()
+
+
+def test_adalora_budget_errors_are_user_errors(tmp_path, capsys):
+    assert run_inprocess("--config", TINY, "adapter.type=adalora", "adapter.init_r=4", "adapter.target_r=4",
+                         f"train.output_dir={tmp_path / 'a'}") == 2
+    assert "target_r (4) must be below init_r (4)" in capsys.readouterr().err
+    assert run_inprocess("--config", TINY, "adapter.type=adalora", "adapter.tinit=3", "adapter.tfinal=3",
+                         "train.max_steps=5", f"train.output_dir={tmp_path / 'b'}") == 2
+    err = capsys.readouterr().err
+    assert "adapter.tinit" in err and "Traceback" not in err

@@ -220,7 +220,7 @@ def mean_std(values: list[float], fmt: str = "{:.4f}") -> str:
 
 
 def tables(results: list[dict], base: dict, command: str) -> str:
-    out = [f"Command: `{command}`", ""]
+    out = [f"Written by `{command}`.", ""]
     for task, spec in TASKS.items():
         rows = [r for r in results if r["task"] == task]
         if not rows:
@@ -336,7 +336,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps({"base": base, "runs": results, "command": command}, indent=1))
     plot(results, base, out.with_suffix(".png"))
-    report = "# Adapters at equal budgets: MiniLM sentiment and SmolLM2 chat SFT\n\n" + tables(results, base, command)
+    report = ("# Adapters at equal budgets: MiniLM sentiment and SmolLM2 chat SFT\n\n" + tables(results, base, command)
+              + f"\n![held-out metric per method, mean ± std over the seeds]({out.with_suffix('.png').name})\n")
     if out.exists() and READING_MARK in out.read_text():
         report += "\n" + READING_MARK + out.read_text().split(READING_MARK, 1)[1]
     out.write_text(report)
