@@ -85,6 +85,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
+        method = adapters.ADAPTERS[self.adapter.type]
+        if method.tasks and self.model.task not in method.tasks:
+            raise ValueError(f"adapter.type={self.adapter.type} supports model.task "
+                             f"{' | '.join(method.tasks)}, not {self.model.task}")
         spec = optim.OPTIMIZERS[self.optim.name]
         if spec.full_parameter_only and self.adapter.type != "none":
             raise ValueError(

@@ -58,7 +58,11 @@ def export(run: str, out: str, merge: bool, overwrite: bool = False) -> Path:
     else:
         tokenizer = load_tokenizer(cfg.model)
         base = load_model(cfg.model, tokenizer)
-        merged = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
+        try:
+            merged = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
+        except NotImplementedError as e:  # non-linear adapters (IAA, bottleneck) have no weight update
+            raise UserError(f"{cfg.adapter.type} cannot be merged: {e}".splitlines()[0], where="--merge",
+                            hint="export without --merge and load the adapter with PeftModel.from_pretrained") from None
         merged.config.use_cache = True  # load_model turns the KV cache off for training only
         with torch.no_grad():
             merged.save_pretrained(str(tmp))

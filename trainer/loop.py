@@ -85,7 +85,10 @@ def train(cfg: Config) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     spec = adapters.ADAPTERS[cfg.adapter.type]
-    model, hooks = spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, t.max_steps, t.seed))
+    try:
+        model, hooks = spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, t.max_steps, t.seed))
+    except (ValueError, NotImplementedError) as e:  # a method refusing this model or setting
+        raise UserError(str(e).splitlines()[0], where=f"adapter.type={cfg.adapter.type}") from None
 
     state = {"step": 0, "wandb_id": None}
     if resume_from:

@@ -14,8 +14,12 @@ Protocol:
 - Held-out loss: token-weighted cross-entropy on the assistant tokens of a fixed subset of the
   held-out split (`eval_examples` conversations), at step 0 and every `eval_every` steps.
 - "Equal steps": the held-out loss after the last step. "Equal wall time": the held-out loss of
-  each run interpolated (linearly, in training seconds, evaluation excluded) at the budget the
-  fastest method of the comparison needed for all its steps (the median over its seeds).
+  each run at the step where it has cost as much as AdamW's `steps` steps, i.e. at step
+  steps / c with c the method's step-time ratio to AdamW from scripts/bench_optim.py (measured
+  with alternating runs; `--bench-json` reads them from a bench output, the defaults are the
+  ratios in docs/results/optimizers.md), linear between evaluations. The wall time measured in
+  these runs is reported too, but on a shared machine it mostly measures the neighbours: two runs
+  of the same method at the same settings differed by up to 2x.
 - Learning rates. Full fine-tuning: one lr for all three, GaLore's scale set to 1, so a projected
   matrix takes Adam-sized steps inside its subspace and only the optimizer differs. LoRA: AdamW
   uses the repository's LoRA demo lr (1e-3). AdaHessian's lr is not in Adam's units (its step is
@@ -58,6 +62,10 @@ METHODS = {
     "lora_adahessian": ("lora", "AdaHessian i4", LORA, {"name": "adahessian", "hessian_interval": 4}),
 }
 BASELINE = {"full": "full_adamw", "lora": "lora_adamw"}
+# step time / AdamW's step time, from scripts/bench_optim.py (docs/results/optimizers.md)
+COST = {"full_adamw": 1.0, "full_galore": 1.31, "full_natural_galore": 1.43, "lora_adamw": 1.0,
+        "lora_adahessian": 1.35}
+BENCH_KEYS = {"full_galore": "galore", "full_natural_galore": "natural_galore", "lora_adahessian": "adahessian_i4"}
 TITLE = {"full": "Full fine-tune: AdamW vs GaLore vs Natural GaLore",
          "lora": "LoRA r=8 fine-tune: AdamW vs AdaHessian"}
 
@@ -192,12 +200,12 @@ def run(spec: dict, log_dir: Path) -> dict:
     return result
 
 
-def loss_at_time(r: dict, t: float) -> float:
-    """Held-out loss at training time t, linear between evaluations (t beyond the last: the last)."""
+def loss_at(r: dict, x: float, key: str = "step") -> float:
+    """Held-out loss at step (or training second) x, linear between evaluations."""
     pts = r["evals"]
     for a, b in zip(pts, pts[1:]):
-        if a["time"] <= t <= b["time"]:
-            return a["loss"] + (b["loss"] - a["loss"]) * (t - a["time"]) / max(b["time"] - a["time"], 1e-9)
+        if a[key] <= x <= b[key]:
+            return a["loss"] + (b["loss"] - a["loss"]) * (x - a[key]) / max(b[key] - a[key], 1e-9)
     return pts[-1]["loss"]
 
 
@@ -214,33 +222,38 @@ def report(results: list[dict], pilot: list[dict], args, wall_s: float, plot_nam
              f"{args.batch_size} x max_length {args.max_length}, warm-up {args.warmup} then cosine, clip 1; held-out "
              f"loss on a fixed {args.eval_examples}-conversation held-out subset (assistant tokens) every "
              f"{args.eval_every} steps; seeds {', '.join(map(str, args.seeds))}; CPU, one thread per run, two runs at a "
-             f"time on a shared 2-core machine; whole study {wall_s / 60:.0f} min.", "",
+             f"time on a shared 2-core machine; "
+             + (f"whole study {wall_s / 60:.0f} min." if wall_s > 60 else
+                f"finished runs reused from {args.log_dir} (see the note above for the time they took)."), "",
              "```", f"python scripts/experiments/optimizers.py {' '.join(args.argv)}".rstrip(), "```", ""]
     for comparison in ("full", "lora"):
         methods = [m for m in METHODS if METHODS[m][0] == comparison and m in by]
         if not methods:
             continue
-        budget = min(statistics.median(r["train_s"] for r in by[m]) for m in methods)
-        base = by[BASELINE[comparison]]
+        base = sorted(by[BASELINE[comparison]], key=lambda r: r["seed"])
+        budget = statistics.median(r["train_s"] for r in base)
         lines += [f"### {TITLE[comparison]}", "",
-                  f"Equal wall time = {budget:.0f} s of training (the fastest method's median time for {args.steps} "
-                  "steps). Δ: against AdamW, per seed, then mean ± std (negative = better than AdamW).", "",
-                  "| method | lr | held-out loss, step 0 | at equal steps | Δ vs AdamW | at equal wall time | "
-                  "Δ vs AdamW | s/step (median) | steps in the wall-time budget | optimizer state MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"Held-out loss, mean ± std over seeds; Δ is taken against AdamW seed by seed (negative = better "
+                  f"than AdamW). Equal wall time: the loss at step {args.steps} / c, where c is the step-time ratio "
+                  f"to AdamW from the benchmark. Measured: the loss at AdamW's median measured training time "
+                  f"({budget:.0f} s), from these runs' own clocks, which the machine's load made unreliable.", "",
+                  "| method | lr | step 0 | equal steps | Δ vs AdamW | c | equal wall time (at step) | Δ vs AdamW | "
+                  "measured s/step, per seed | at AdamW's measured time | optimizer state MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             rs = sorted(by[m], key=lambda r: r["seed"])
-            bs = sorted(base, key=lambda r: r["seed"])
+            cost = args.cost[m]
             final = [r["evals"][-1]["loss"] for r in rs]
-            timed = [loss_at_time(r, budget) for r in rs]
-            d_final = [a - b["evals"][-1]["loss"] for a, b in zip(final, bs)]
-            d_timed = [a - loss_at_time(b, budget) for a, b in zip(timed, bs)]
-            step_s = statistics.median(r["step_s_median"] for r in rs)
-            steps_in_budget = statistics.median(sum(1 for t in r["train"] if t["time"] <= budget) for r in rs)
+            timed = [loss_at(r, args.steps / cost) for r in rs]
+            measured = [loss_at(r, budget, "time") for r in rs]
+            d_final = [a - b["evals"][-1]["loss"] for a, b in zip(final, base)]
+            d_timed = [a - b["evals"][-1]["loss"] for a, b in zip(timed, base)]
+            is_base = m == BASELINE[comparison]
             lines.append(
                 f"| {METHODS[m][1]} | {rs[0]['lr']:g} | {mean_std([r['evals'][0]['loss'] for r in rs])} | "
-                f"{mean_std(final)} | {'—' if m == BASELINE[comparison] else mean_std(d_final)} | {mean_std(timed)} | "
-                f"{'—' if m == BASELINE[comparison] else mean_std(d_timed)} | {step_s:.2f} | {steps_in_budget:.0f} | "
+                f"{mean_std(final)} | {'—' if is_base else mean_std(d_final)} | {cost:.2f} | {mean_std(timed)} "
+                f"({args.steps / cost:.1f}) | {'—' if is_base else mean_std(d_timed)} | "
+                f"{', '.join(format(r['step_s_median'], '.1f') for r in rs)} | {mean_std(measured)} | "
                 f"{rs[0]['state_bytes'] / 2**20:.0f} |")
         lines.append("")
     if pilot:
@@ -251,8 +264,11 @@ def report(results: list[dict], pilot: list[dict], args, wall_s: float, plot_nam
         for r in sorted(pilot, key=lambda r: r["lr"]):
             lines.append(f"| {r['lr']:g} | {r['evals'][-1]['loss']:.4f} | {r['train'][-1]['loss']:.4f} |")
         lines.append("")
-    lines += [f"![held-out loss against steps and training seconds]({plot_name})", "", END]
+    lines += [f"![held-out loss against steps and against cost (step x benchmark ratio)]({plot_name})", "", END]
     return "\n".join(lines)
+
+
+COST_USED: dict[str, float] = dict(COST)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -271,12 +287,14 @@ def plot(results: list[dict], path: Path) -> None:
             line, = axes[row][0].plot(steps, mean, marker="o", label=METHODS[m][1])
             axes[row][0].fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                                       color=line.get_color(), alpha=0.2)
-            for i, r in enumerate(rs):
-                axes[row][1].plot([e["time"] for e in r["evals"]], [e["loss"] for e in r["evals"]], marker=".",
-                                  color=line.get_color(), alpha=0.7, label=METHODS[m][1] if i == 0 else None)
+            cost = COST_USED[m]
+            axes[row][1].plot([x * cost for x in steps], mean, marker="o", color=line.get_color(),
+                              label=f"{METHODS[m][1]} (c={cost:.2f})")
+            axes[row][1].fill_between([x * cost for x in steps], [a - b for a, b in zip(mean, std)],
+                                      [a + b for a, b in zip(mean, std)], color=line.get_color(), alpha=0.2)
         axes[row][0].set(title=TITLE[comparison], xlabel="step", ylabel="held-out loss (mean ± std, 3 seeds)")
-        axes[row][1].set(title="same, against training time (each seed)", xlabel="training seconds (eval excluded)",
-                         ylabel="held-out loss")
+        axes[row][1].set(title="same, against cost (benchmark step-time ratio c)",
+                         xlabel="AdamW-step equivalents of wall time (step × c)", ylabel="held-out loss")
         axes[row][0].legend()
         axes[row][1].legend()
     fig.tight_layout()
@@ -287,18 +305,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs/results/optimizers.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--eval-examples", type=int, default=24)
     p.add_argument("--max-examples", type=int, default=1000, help="training conversations rendered (the runs use "
                    "steps x batch_size of them)")
     p.add_argument("--pilot-lrs", type=float, nargs="*", default=[1e-3, 1e-2, 1e-1])
     p.add_argument("--pilot-steps", type=int, default=10)
     p.add_argument("--pilot-seed", type=int, default=100)
     p.add_argument("--only", choices=["full", "lora"], help="one comparison only")
+    p.add_argument("--bench-json", help="scripts/bench_optim.py --json output: take the step-time ratios from it")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--log-dir", default="runs/experiments/optimizers", help="one JSON per run (reused on re-runs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -310,6 +329,11 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     args.argv = sys.argv[1:]
+    args.cost = dict(COST)
+    if args.bench_json:
+        summary = json.loads(Path(args.bench_json).read_text())["summary"]
+        args.cost.update({m: summary[k]["ratio_vs_adamw"] for m, k in BENCH_KEYS.items() if k in summary})
+    COST_USED.update(args.cost)
     log_dir = ROOT / args.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     base = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "warmup": args.warmup,
