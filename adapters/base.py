@@ -13,6 +13,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 
+class NotMergeableError(NotImplementedError):
+    """A method whose update is no weight delta (non-linear modules, cross-layer state): it stays
+    attached as an adapter. A NotImplementedError, as peft's own unmergeable tuners raise."""
+
+
 class AdapterOptions(BaseModel):
     """Base of every adapter's options; unknown keys are errors (see trainer.config)."""
 

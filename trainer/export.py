@@ -60,7 +60,7 @@ def export(run: str, out: str, merge: bool, overwrite: bool = False) -> Path:
         base = load_model(cfg.model, tokenizer)
         try:
             merged = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
-        except NotImplementedError as e:  # non-linear adapters (IAA, bottleneck) have no weight update
+        except adapters.NotMergeableError as e:  # non-linear adapters (IAA, bottleneck) have no weight update
             raise UserError(f"{cfg.adapter.type} cannot be merged: {e}".splitlines()[0], where="--merge",
                             hint="export without --merge and load the adapter with PeftModel.from_pretrained") from None
         merged.config.use_cache = True  # load_model turns the KV cache off for training only

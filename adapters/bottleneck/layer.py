@@ -7,6 +7,7 @@ makes the adapter non-linear: it cannot be merged into W.
 """
 from __future__ import annotations
 
+from adapters.base import NotMergeableError
 from typing import Any, Optional
 
 import torch
@@ -55,7 +56,7 @@ class BottleneckLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError(NOT_MERGEABLE)
+        raise NotMergeableError(NOT_MERGEABLE)
 
     def unmerge(self) -> None:
         pass  # nothing is ever merged

@@ -1,6 +1,7 @@
 """BottleneckModel: the peft tuner that puts a bottleneck adapter after every target linear layer."""
 from __future__ import annotations
 
+from adapters.base import NotMergeableError
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -28,4 +29,4 @@ class BottleneckModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _check_merge_allowed(self):
-        raise NotImplementedError(NOT_MERGEABLE)
+        raise NotMergeableError(NOT_MERGEABLE)

@@ -12,6 +12,7 @@ holds activations of the current forward pass only, never weights.
 """
 from __future__ import annotations
 
+from adapters.base import NotMergeableError
 from typing import Any, Optional
 
 import torch
@@ -76,7 +77,7 @@ class IAALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise NotImplementedError(NOT_MERGEABLE)
+        raise NotMergeableError(NOT_MERGEABLE)
 
     def unmerge(self) -> None:
         pass  # nothing is ever merged

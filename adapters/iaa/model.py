@@ -8,6 +8,7 @@ Model order is forward order for the supported architectures (BERT-, Llama-style
 """
 from __future__ import annotations
 
+from adapters.base import NotMergeableError
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -57,7 +58,7 @@ class IAAModel(BaseTuner):
             layer.iaa_pathway = self.__dict__["iaa_pathway"]
 
     def _check_merge_allowed(self):
-        raise NotImplementedError(NOT_MERGEABLE)
+        raise NotMergeableError(NOT_MERGEABLE)
 
 
 def pathway_layers(model: nn.Module, adapter_name: str) -> list[IAALayer]:
