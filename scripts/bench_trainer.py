@@ -26,9 +26,11 @@ the loop's per-micro-batch loss-unit count to take timestamps and hash batches; 
 
   /work/venv/bin/python scripts/bench_trainer.py     # defaults: bs 4, len 128, 8 steps (3 warm-up), 3 repeats
   /work/venv/bin/python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
+  python scripts/bench_trainer.py --device cuda --precision bf16 --threads 4 --steps 60 --warmup 10
 
 Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child, and
-OMP_WAIT_POLICY to --omp-wait-policy (PASSIVE), identically for both sides.
+OMP_WAIT_POLICY to --omp-wait-policy (PASSIVE), identically for both sides. With --device cuda
+both sides train on the GPU and each child also reports torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def _config(spec: dict, packing: bool, output_dir: str):
         "train.gradient_accumulation_steps=1", "train.lr_schedule=constant", "train.warmup_steps=0",
         "train.max_grad_norm=1.0", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
         "train.sample_prompts=[]", f"train.seed={spec['seed']}", f"train.output_dir={output_dir}",
-        "train.overwrite=true", "tracking.wandb=false",
+        "train.overwrite=true", "tracking.wandb=false", f"model.name_or_path={spec['model']}",
     ]
     return load_config(RECIPE, overrides)
 
@@ -78,7 +80,7 @@ def _fingerprint(batch: dict) -> str:
         t = batch[key]
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -96,6 +98,16 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _device_peak() -> dict:
+    """Peak GPU memory of this process (allocated by tensors, and reserved by the caching allocator)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "gpu_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
 
 
 def _vm(field: str) -> float:
@@ -215,7 +227,8 @@ def child_hf(spec: dict, result_path: Path) -> None:
         output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1,
         max_steps=t.max_steps, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
         adam_beta2=o.betas[1], adam_epsilon=o.eps, optim="adamw_torch", lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed, use_cpu=True,
+        warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed, use_cpu=spec["device"] == "cpu",
+        bf16=spec["precision"] == "bf16",
         train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
         remove_unused_columns=False, logging_steps=1, eval_strategy="no", save_strategy="no",
         report_to="none",
@@ -231,7 +244,7 @@ def child_hf(spec: dict, result_path: Path) -> None:
 
 def _write_result(path: Path, marks, batches, at_start, losses, extra) -> None:
     result = {"marks": marks, "batches": batches, "losses": losses, "at_train_start": at_start,
-              "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+              "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **_device_peak(), **extra}
     path.write_text(json.dumps(result))
 
 
@@ -256,9 +269,14 @@ def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
     result_path = workdir / f"{side}-{index}.json"
     log_path = workdir / f"{side}-{index}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(REPO)] + [x for x in [os.environ.get("PYTHONPATH")] if x]), "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_WAIT_POLICY", None)
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    if spec["precision"] == "bf16":  # ours: accelerate autocasts; HF: TrainingArguments(bf16=True)
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    if spec["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if spec.get("omp_wait_policy"):
         env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(child_spec),
@@ -301,6 +319,8 @@ def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup:
         "loss_tokens_per_step": statistics.mean(b["loss_tokens"] for b in batches),
         "positions_per_step": statistics.mean(b["positions"] for b in batches),
         "peak_rss_mb": peak_rss_mb,
+        "gpu_peak_allocated_mb": raw.get("gpu_peak_allocated_mb"),
+        "gpu_peak_reserved_mb": raw.get("gpu_peak_reserved_mb"),
         "rss_at_train_start_mb": raw["at_train_start"].get("rss_mb"),
         "torch_threads": raw["at_train_start"].get("threads"),
         "loadavg_1min_after": os.getloadavg()[0],
@@ -321,10 +341,11 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
     for r in runs:
         by_side.setdefault(r["side"], []).append(r)
     med = lambda side, key: statistics.median(r[key] for r in by_side[side])  # noqa: E731
-    sides = {s: {k: med(s, k) for k in ("median_loss_tokens_per_s", "median_loss_tokens_per_cpu_s",
-                                        "median_step_s", "peak_rss_mb", "rss_at_train_start_mb",
-                                        "loss_tokens_per_step", "positions_per_step")}
-             for s in by_side}
+    keys = ["median_loss_tokens_per_s", "median_loss_tokens_per_cpu_s", "median_step_s", "peak_rss_mb",
+            "rss_at_train_start_mb", "loss_tokens_per_step", "positions_per_step"]
+    if runs[0].get("gpu_peak_allocated_mb") is not None:
+        keys += ["gpu_peak_allocated_mb", "gpu_peak_reserved_mb"]
+    sides = {s: {k: med(s, k) for k in keys} for s in by_side}
     for s in sides:
         sides[s]["runs_loss_tokens_per_s"] = [round(r["median_loss_tokens_per_s"], 2) for r in by_side[s]]
         sides[s]["runs_peak_rss_mb"] = [round(r["peak_rss_mb"], 1) for r in by_side[s]]
@@ -340,6 +361,9 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
             "cpu_speed_ratio": sides[ours]["median_loss_tokens_per_cpu_s"] / sides[hf]["median_loss_tokens_per_cpu_s"],
             "rss_ratio": sides[ours]["peak_rss_mb"] / sides[hf]["peak_rss_mb"],
         }
+        if "gpu_peak_allocated_mb" in sides[ours]:
+            out["variants"][v]["gpu_mem_ratio"] = (sides[ours]["gpu_peak_allocated_mb"]
+                                                   / sides[hf]["gpu_peak_allocated_mb"])
         if v in ("padded", "hfpacked"):  # identical batches: prove it, and pair the steps
             same = all(o["fingerprints"] == h["fingerprints"] for o, h in zip(by_side[ours], by_side[hf]))
             out["variants"][v]["identical_batches"] = same
@@ -356,18 +380,21 @@ def print_table(summary: dict, spec: dict) -> None:
     print(f"\nSmolLM2-135M-Instruct LoRA r8 q/k/v/o, packaged:chitchat (chat), bs {spec['batch_size']}, "
           f"max_length {spec['max_length']}, {spec['steps']} steps (first {spec['warmup']} excluded), "
           f"{spec['repeats']} repeats, {spec['threads']} threads, "
-          f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'unset'}, fp32 CPU")
+          f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'unset'}, {spec['precision']} {spec['device']}, "
+          f"model {spec['model']}")
+    gpu = "gpu_peak_allocated_mb" in next(iter(summary["sides"].values()))
     hdr = (f"{'side':<12} {'loss tok/s':>10} {'tok/cpu-s':>10} {'step s':>7} {'loss tok/step':>13} "
-           f"{'positions/step':>14} {'peak RSS MB':>11}  runs (tok/s)")
+           f"{'positions/step':>14} {'peak RSS MB':>11}" + (f" {'peak GPU MB':>11}" if gpu else "") + "  runs (tok/s)")
     print(hdr)
     print("-" * len(hdr))
     for side, s in summary["sides"].items():
         print(f"{side:<12} {s['median_loss_tokens_per_s']:>10.2f} {s['median_loss_tokens_per_cpu_s']:>10.2f} "
-              f"{s['median_step_s']:>7.2f} {s['loss_tokens_per_step']:>13.1f} {s['positions_per_step']:>14.1f} "
-              f"{s['peak_rss_mb']:>11.0f}  {s['runs_loss_tokens_per_s']}")
+              f"{s['median_step_s']:>7.3f} {s['loss_tokens_per_step']:>13.1f} {s['positions_per_step']:>14.1f} "
+              f"{s['peak_rss_mb']:>11.0f}" + (f" {s['gpu_peak_allocated_mb']:>11.0f}" if gpu else "")
+              + f"  {s['runs_loss_tokens_per_s']}")
     print()
     hdr = (f"{'variant':<9} {'ours/HF tok/s':>13} {'paired runs':>22} {'paired steps':>12} {'ours/HF tok/cpu-s':>17} "
-           f"{'ours/HF RSS':>11}  batches")
+           f"{'ours/HF RSS':>11}" + (f" {'ours/HF GPU':>11}" if gpu else "") + "  batches")
     print(hdr)
     print("-" * len(hdr))
     for v, r in summary["variants"].items():
@@ -375,7 +402,7 @@ def print_table(summary: dict, spec: dict) -> None:
         ident = {True: "identical", False: "DIFFER"}.get(r.get("identical_batches"), "-")
         steps = f"{r['speed_ratio_paired_steps']:.3f}" if "speed_ratio_paired_steps" in r else "-"
         print(f"{v:<9} {r['speed_ratio']:>13.3f} {paired:>22} {steps:>12} {r['cpu_speed_ratio']:>17.3f} "
-              f"{r['rss_ratio']:>11.3f}  {ident}")
+              f"{r['rss_ratio']:>11.3f}" + (f" {r['gpu_mem_ratio']:>11.3f}" if gpu else "") + f"  {ident}")
 
 
 def main() -> None:
@@ -392,6 +419,12 @@ def main() -> None:
                         "times; '' leaves it unset")
     p.add_argument("--max-examples", type=int, default=512, help="data.max_examples (documents before packing)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides train on the GPU and the GPU's peak allocated memory is reported too")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast on both sides (accelerate's mixed precision; TrainingArguments(bf16=True))")
+    p.add_argument("--model", default="packaged:smollm2-135m-instruct",
+                   help="model.name_or_path for both sides (a folder with the same architecture works too)")
     p.add_argument("--variants", default="padded,packed", help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "bench_trainer.json"))
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -411,7 +444,8 @@ def main() -> None:
         p.error("--steps must leave at least 2 steps after --warmup")
     spec = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "repeats": a.repeats,
             "warmup": a.warmup, "threads": a.threads, "omp_wait_policy": a.omp_wait_policy,
-            "max_examples": a.max_examples, "seed": a.seed}
+            "max_examples": a.max_examples, "seed": a.seed, "device": a.device, "precision": a.precision,
+            "model": a.model}
     # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
     # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed).
     order = []
@@ -428,9 +462,10 @@ def main() -> None:
                 r = run_child(side, spec, workdir, rep)
                 runs.append(r)
                 print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.repeats} {side:<12} "
-                      f"median {r['median_loss_tokens_per_s']:7.2f} loss tok/s  step {r['median_step_s']:.2f}s  "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB  (run {r['wall_s']:.0f}s, "
-                      f"load {r['loadavg_1min_after']:.1f})", flush=True)
+                      f"median {r['median_loss_tokens_per_s']:7.2f} loss tok/s  step {r['median_step_s']:.3f}s  "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                      + (f"  peak GPU {r['gpu_peak_allocated_mb']:.0f} MB" if r["gpu_peak_allocated_mb"] else "")
+                      + f"  (run {r['wall_s']:.0f}s, load {r['loadavg_1min_after']:.1f})", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarise(runs, variants)
@@ -441,12 +476,13 @@ def main() -> None:
     import transformers
 
     result = {
-        "config": {**spec, "variants": variants, "model": "packaged:smollm2-135m-instruct", "data": "packaged:chitchat",
+        "config": {**spec, "variants": variants, "data": "packaged:chitchat",
                    "format": "chat", "adapter": "lora r=8 alpha=16 dropout=0.05 q/k/v/o", "optimizer":
-                   "AdamW lr 1e-3 betas (0.9,0.999) eps 1e-8 wd 0, constant LR, clip 1.0", "dtype": "float32"},
+                   "AdamW lr 1e-3 betas (0.9,0.999) eps 1e-8 wd 0, constant LR, clip 1.0"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                    "loadavg_at_end": os.getloadavg()},
+                    "loadavg_at_end": os.getloadavg(),
+                    "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None},
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "fingerprints"} for r in runs],
         "total_wall_s": time.perf_counter() - began,

@@ -122,11 +122,13 @@ def train(cfg: Config) -> Path:
             group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
         began = time.perf_counter()
         micro = [task.collate([train_set[i] for i in stream.next_indices()]) for _ in range(t.gradient_accumulation_steps)]
-        micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
         # normalise by the loss units of the whole accumulated batch on all processes, so the
-        # update does not depend on how the batch is split into micro-batches or processes
-        local_units = sum(task.units(mb) for mb in micro)
-        units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), reduction="sum"))
+        # update does not depend on how the batch is split into micro-batches or processes;
+        # counted on the host batches, so one process never waits on the GPU for it
+        units = sum(task.units(mb) for mb in micro)
+        if accelerator.num_processes > 1:
+            units = int(accelerator.reduce(torch.tensor(units, device=accelerator.device), reduction="sum"))
+        micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
         scale = accelerator.num_processes / max(units, 1)
         create_graph = optim.wants_create_graph(getattr(optimizer, "optimizer", optimizer))
         # accumulate as tensors: a float() per micro-batch would force a device sync each time
@@ -164,7 +166,7 @@ def train(cfg: Config) -> Path:
             row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "epoch": round(stream.epoch, 4),
                    "tokens_per_s": window_units / max(window_time, 1e-9), "peak_rss_mb": _peak_rss_mb()}
             if grad_norm is not None:
-                row["grad_norm"] = grad_norm
+                row["grad_norm"] = float(grad_norm)
             row.update({k: float(v) for k, v in extra_totals.items()})
             row.update(hooks.metrics())
             tracker.log(step, row)
@@ -192,14 +194,13 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
-def _clip(accelerator, model, max_norm: float | None) -> float | None:
-    """Clip (unless disabled) and return the pre-clip global gradient norm."""
+def _clip(accelerator, model, max_norm: float | None):
+    """Clip (unless disabled) and return the pre-clip global gradient norm. It stays a tensor until
+    it is logged: reading it here would make the host wait for the backward before the step."""
     if is_deepspeed(accelerator):  # DeepSpeed clips inside its step (config gradient_clipping)
-        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
-        return float(norm) if norm is not None else None
+        return model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm)
+    return accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
 
 
 def _peak_rss_mb() -> float:

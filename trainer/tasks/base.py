@@ -31,7 +31,8 @@ class Task:
         raise NotImplementedError
 
     def units(self, batch: dict) -> int:
-        """How many terms the summed loss adds up (loss tokens, examples, queries)."""
+        """How many terms the summed loss adds up (loss tokens, examples, queries). The loop calls it
+        on the host (CPU) batch, before the batch moves to the device."""
         raise NotImplementedError
 
     def eval_counts(self, outputs: Any, batch: dict) -> torch.Tensor:
