@@ -447,7 +447,8 @@ def main() -> None:
             "max_examples": a.max_examples, "seed": a.seed, "device": a.device, "precision": a.precision,
             "model": a.model}
     # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
-    # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed).
+    # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed). Every
+    # other repeat runs them in reverse (ABBA), so a drift or a first-run effect favours neither side.
     order = []
     for v in variants:
         for side in VARIANTS[v]:
@@ -458,7 +459,7 @@ def main() -> None:
     began = time.perf_counter()
     try:
         for rep in range(a.repeats):
-            for side in order:
+            for side in (order if rep % 2 == 0 else order[::-1]):
                 r = run_child(side, spec, workdir, rep)
                 runs.append(r)
                 print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.repeats} {side:<12} "
