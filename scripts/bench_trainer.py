@@ -26,7 +26,7 @@ the loop's per-micro-batch loss-unit count to take timestamps and hash batches; 
 
   /work/venv/bin/python scripts/bench_trainer.py     # defaults: bs 4, len 128, 8 steps (3 warm-up), 3 repeats
   /work/venv/bin/python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
-  python scripts/bench_trainer.py --device cuda --precision bf16 --threads 4 --steps 60 --warmup 10
+  python scripts/bench_trainer.py --device cuda --precision bf16 --threads 4 --steps 40 --warmup 10
 
 Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child, and
 OMP_WAIT_POLICY to --omp-wait-policy (PASSIVE), identically for both sides. With --device cuda
@@ -121,32 +121,18 @@ def _vm(field: str) -> float:
 # ---- child: our loop ---------------------------------------------------------------------------
 
 def _hook_units(record) -> None:
-    """Call `record(batch)` on every training micro-batch of our loop, just before its forward:
-    wraps the loop's loss-unit count (the task's `units` method, or the older module-level
-    `trainer.loop.loss_units`), which the loop calls once per micro-batch."""
-    import trainer.loop as loop
+    """Call `record(batch)` on every training micro-batch of our loop (the host batch, before the
+    forward): wraps the causal-LM task's `units`, which the loop calls once per micro-batch."""
+    from trainer.tasks import TASKS
 
-    try:
-        from trainer.tasks import TASKS
-    except ImportError:
-        TASKS = None
-    if TASKS is not None and "causal_lm" in TASKS:
-        cls = TASKS["causal_lm"]
-        real = cls.units
+    cls = TASKS["causal_lm"]
+    real = cls.units
 
-        def units(self, batch):
-            record(batch)
-            return real(self, batch)
+    def units(self, batch):
+        record(batch)
+        return real(self, batch)
 
-        cls.units = units
-    else:
-        real = loop.loss_units
-
-        def loss_units(batch, task):
-            record(batch)
-            return real(batch, task)
-
-        loop.loss_units = loss_units
+    cls.units = units
 
 
 def child_ours(spec: dict, result_path: Path) -> None:
@@ -268,8 +254,10 @@ def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
     child_spec = {**spec, "packing": packing, "tag": f"{side}-{index}", "workdir": str(workdir)}
     result_path = workdir / f"{side}-{index}.json"
     log_path = workdir / f"{side}-{index}.log"
+    # the repo first, then any PYTHONPATH the caller set (e.g. packages installed beside the system ones)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(REPO)] + [x for x in [os.environ.get("PYTHONPATH")] if x]), "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("ACCELERATE_MIXED_PRECISION", None)
