@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # The CPU build of torch (a CUDA build is several GB); on a GPU machine install your torch first.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install torch==2.13.0
-pip install -c constraints.txt -e ".[dev]"
+pip install -c constraints.txt -e ".[dev,federated,selection,serve]"
 pip install --no-deps -r requirements-assets.txt
 echo "environment ready: $VENV"
