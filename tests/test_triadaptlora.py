@@ -194,7 +194,6 @@ def test_orthogonality_penalty_by_direct_computation():
 # ----- peft integration ------------------------------------------------------------------------------
 def test_registered_with_peft_and_the_trainer():
     assert PeftType.TRIADAPTLORA == "TRIADAPTLORA" and "TRIADAPTLORA" in list(PeftType)
-    assert tri.config.ensure_peft_type("TRIADAPTLORA") is PeftType.TRIADAPTLORA  # idempotent
     assert ADAPTERS["triadaptlora"].options is tri.TriAdaptLoraOptions
     with pytest.raises(ValidationError):
         tri.TriAdaptLoraOptions(rank=4)

@@ -7,21 +7,19 @@ bottleneck adapters) and with the trainer's adapter registry.
 from __future__ import annotations
 
 from peft import get_peft_model
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import register_peft_method
 
 from adapters.base import AdapterSpec, BuildContext, MethodHooks, register_adapter
+from adapters.peft_types import register_tuner
 from adapters.tasks import peft_task_type
 
-from .config import BOTTLENECK, PEFT_NAME, BottleneckConfig, BottleneckOptions
+from .config import PEFT_NAME, BottleneckConfig, BottleneckOptions
 from .layer import Bottleneck, BottleneckLayer, BottleneckLinear
 from .model import BottleneckModel
 
 __all__ = ["Bottleneck", "BottleneckConfig", "BottleneckLayer", "BottleneckLinear", "BottleneckModel",
            "BottleneckOptions", "build_bottleneck"]
 
-if BOTTLENECK not in PEFT_TYPE_TO_TUNER_MAPPING:  # a module reload must not register twice
-    register_peft_method(name=PEFT_NAME, config_cls=BottleneckConfig, model_cls=BottleneckModel)
+register_tuner(PEFT_NAME, BottleneckConfig, BottleneckModel)
 
 
 def build_bottleneck(model, opts: BottleneckOptions, ctx: BuildContext):

@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from pydantic import Field
 
 from adapters.base import AdapterOptions
-from adapters.triadaptlora.config import ensure_peft_type
+from adapters.peft_types import ensure_peft_type
 
 PEFT_NAME = "bottleneck"
 BOTTLENECK = ensure_peft_type(PEFT_NAME.upper())
@@ -17,7 +17,8 @@ BOTTLENECK = ensure_peft_type(PEFT_NAME.upper())
 # Houlsby et al. 2019 place one adapter after the attention output projection and one after the
 # feed-forward output projection of every layer (before the residual add and LayerNorm).
 HOULSBY_TARGETS = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), r".*\.layer\.\d+\.(attention\.output|output)\.dense"),
+    # names, not a regex, so `layers_to_transform` applies to the default placement too
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ["attention.output.dense", "output.dense"]),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), ["o_proj", "down_proj"]),
 }
 
@@ -43,6 +44,10 @@ class BottleneckConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # peft matches a regex against the whole module name, so layer indices would be ignored (LoRA refuses too)
+            raise ValueError("`layers_to_transform` and `layers_pattern` cannot be used when `target_modules` is a "
+                             "regex (a str); list module names instead")
         if self.r < 1:
             raise ValueError(f"bottleneck width r must be >= 1, got {self.r}")
 

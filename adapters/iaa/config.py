@@ -10,7 +10,7 @@ from pydantic import Field
 
 from adapters.base import AdapterOptions
 from adapters.bottleneck.config import HOULSBY_TARGETS
-from adapters.triadaptlora.config import ensure_peft_type
+from adapters.peft_types import ensure_peft_type
 
 PEFT_NAME = "iaa"
 IAA = ensure_peft_type(PEFT_NAME.upper())
@@ -47,6 +47,10 @@ class IAAConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # peft matches a regex against the whole module name, so layer indices would be ignored (LoRA refuses too)
+            raise ValueError("`layers_to_transform` and `layers_pattern` cannot be used when `target_modules` is a "
+                             "regex (a str); list module names instead")
         if self.aside_r is None:
             self.aside_r = self.r
         if self.r < 1 or self.aside_r < 1:

@@ -9,24 +9,22 @@ See docs/methods/triadaptlora.md for the formulas and the choices made where the
 from __future__ import annotations
 
 from peft import get_peft_model
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import register_peft_method
 
 from adapters.base import AdapterSpec, BuildContext, register_adapter
+from adapters.peft_types import register_tuner
 from adapters.tasks import peft_task_type
 
 from .config import PEFT_NAME, TRIADAPTLORA, TriAdaptLoraConfig, TriAdaptLoraOptions
-from .hooks import TriAdaptLoraHooks, matrices_to_grow, orthogonality_penalty
+from .hooks import TriAdaptLoraHooks, factor_pairs, matrices_to_grow
 from .layer import TriAdaptLoraLayer, TriAdaptLoraLinear
 from .model import TriAdaptLoraModel
 
 __all__ = [
     "TriAdaptLoraConfig", "TriAdaptLoraHooks", "TriAdaptLoraLayer", "TriAdaptLoraLinear", "TriAdaptLoraModel",
-    "TriAdaptLoraOptions", "build_triadaptlora", "matrices_to_grow", "orthogonality_penalty",
+    "TriAdaptLoraOptions", "build_triadaptlora", "factor_pairs", "matrices_to_grow",
 ]
 
-if TRIADAPTLORA not in PEFT_TYPE_TO_TUNER_MAPPING:  # a module reload must not register twice
-    register_peft_method(name=PEFT_NAME, config_cls=TriAdaptLoraConfig, model_cls=TriAdaptLoraModel)
+register_tuner(PEFT_NAME, TriAdaptLoraConfig, TriAdaptLoraModel)
 
 
 def peft_config_from_options(opts: TriAdaptLoraOptions, ctx: BuildContext) -> TriAdaptLoraConfig:

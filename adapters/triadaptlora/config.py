@@ -4,9 +4,6 @@ The peft config (`TriAdaptLoraConfig`) is what lands in `adapter_config.json`. B
 usual LoRA-like fields it carries `rank_pattern`, the list of growth-block sizes of every
 adapted module, so that `PeftModel.from_pretrained` can rebuild grown layers with the right
 shapes. The growth-schedule fields are stored too, so a saved adapter says how it was trained.
-
-peft only accepts a method whose name is a member of its `PeftType` enum and offers no public
-way to add one, so `ensure_peft_type` adds the member itself (idempotently).
 """
 from __future__ import annotations
 
@@ -14,35 +11,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 from pydantic import Field
 
 from adapters.base import AdapterOptions
+from adapters.peft_types import ensure_peft_type
 
 PEFT_NAME = "triadaptlora"
-
-
-def ensure_peft_type(name: str) -> PeftType:
-    """Add `name` (upper case) to peft's `PeftType` enum unless it is already there.
-
-    Enum classes refuse new members after creation; the three internal tables written here are
-    the ones `PeftType[...]`, `PeftType(...)`, iteration and `in` consult (CPython 3.11-3.13).
-    """
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member._sort_order_ = len(PeftType._member_names_)
-    member.__objclass__ = PeftType
-    # the attribute goes in first: EnumType.__setattr__ refuses to rebind names of known members
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
 TRIADAPTLORA = ensure_peft_type(PEFT_NAME.upper())
 
 
@@ -83,6 +57,10 @@ class TriAdaptLoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # peft matches a regex against the whole module name, so layer indices would be ignored (LoRA refuses too)
+            raise ValueError("`layers_to_transform` and `layers_pattern` cannot be used when `target_modules` is a "
+                             "regex (a str); list module names instead")
         if self.init_rank < 1 or self.r < 1:
             raise ValueError("TriAdaptLoRA needs r >= 1 and init_rank >= 1")
         if self.growth_mode not in ("linear", "nonlinear"):
