@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 from peft import AdaLoraConfig, get_peft_model
+from peft.tuners.adalora import AdaLoraLayer
 from pydantic import Field, model_validator
 
 from adapters.base import AdapterOptions, AdapterSpec, BuildContext, MethodHooks, register_adapter
+from adapters.orthogonality import orthogonality_penalty
 from adapters.tasks import peft_task_type
-from trainer.errors import UserError
 
 
 class AdaLoraOptions(AdapterOptions):
@@ -38,57 +38,59 @@ class AdaLoraOptions(AdapterOptions):
         return self
 
 
-def orthogonality_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """Mean over AdaLoRA's P and Q matrices of ||P P^T - I||_F (rows of A, columns of B)."""
-    terms = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or p.numel() == 0:
-            continue
-        if "lora_A" in name:
-            gram = p @ p.T
-        elif "lora_B" in name:
-            gram = p.T @ p
-        else:
-            continue
-        terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=p.device, dtype=p.dtype)))
-    return torch.stack(terms).mean()
-
-
 class AdaLoraHooks(MethodHooks):
-    def __init__(self, opts: AdaLoraOptions):
+    def __init__(self, peft_model, opts: AdaLoraOptions):
+        self.tuner = peft_model.base_model  # the AdaLoraModel: its rank allocator and config live there
         self.weight = opts.orth_reg_weight
 
     def extra_losses(self, batch, outputs, model):
-        return {"reg/orth": self.weight * orthogonality_penalty(model)} if self.weight else {}
+        return {"reg/orth": self.weight * orthogonality_penalty(_factors(self.tuner))} if self.weight else {}
 
     def after_optimizer_step(self, step, model):
-        _tuner(model).update_and_allocate(step)
+        self.tuner.update_and_allocate(step)
         return []
 
-    def metrics(self):
-        return {}
+    # ----- resume ----------------------------------------------------------------------------
+    # The allocator's importance EMAs drive every later budget decision, and the final phase masks
+    # with the saved rank_pattern (peft crashes there without one), so both are method state.
+    # The masked entries of E are zeros in the weights themselves and come back with them.
+    def state_dict(self) -> dict:
+        alloc = self.tuner.rankallocator
+        return {"rank_pattern": self._config().rank_pattern,
+                **{k: {n: t.detach().cpu() for n, t in getattr(alloc, k).items()} for k in ALLOCATOR_STATE}}
 
-    def state_dict(self):
-        return {}
+    def load_state_dict(self, state: dict) -> None:
+        alloc, params = self.tuner.rankallocator, dict(self.tuner.model.named_parameters())
+        for key in ALLOCATOR_STATE:
+            setattr(alloc, key, {n: t.to(params[n].device) for n, t in state[key].items()})
+        self._config().rank_pattern = state["rank_pattern"]
+
+    def _config(self):
+        return self.tuner.peft_config[self.tuner.trainable_adapter_name]
 
 
-def _tuner(model):
-    """The AdaLoraModel inside whatever wrappers (PeftModel, DDP) surround it."""
-    model = getattr(model, "module", model)
-    return model.base_model
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _factors(tuner):
+    """(P, Q) = (lora_A, lora_B) of every trainable AdaLoRA matrix."""
+    name = tuner.trainable_adapter_name
+    return [(m.lora_A[name], m.lora_B[name]) for m in tuner.model.modules()
+            if isinstance(m, AdaLoraLayer) and name in m.lora_A]
 
 
 def build_adalora(model, opts: AdaLoraOptions, ctx: BuildContext):
     if opts.tinit + opts.tfinal >= ctx.total_steps:
-        raise UserError(f"tinit + tfinal ({opts.tinit} + {opts.tfinal}) leaves no steps for AdaLoRA to reallocate "
-                        f"ranks in train.max_steps={ctx.total_steps}", where="adapter.tinit", hint="lower tinit/tfinal")
+        raise ValueError(f"adapter.tinit + adapter.tfinal ({opts.tinit} + {opts.tfinal}) leave no steps for AdaLoRA "
+                         f"to reallocate ranks in train.max_steps={ctx.total_steps}; lower them")
     cfg = AdaLoraConfig(
         init_r=opts.init_r, target_r=opts.target_r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
         target_modules=opts.target_modules, tinit=opts.tinit, tfinal=opts.tfinal, deltaT=opts.delta_t,
         beta1=opts.beta1, beta2=opts.beta2, orth_reg_weight=opts.orth_reg_weight,
         total_step=ctx.total_steps, task_type=peft_task_type(ctx.task),
     )
-    return get_peft_model(model, cfg), AdaLoraHooks(opts)
+    peft_model = get_peft_model(model, cfg)
+    return peft_model, AdaLoraHooks(peft_model, opts)
 
 
 register_adapter(AdapterSpec("adalora", AdaLoraOptions, build_adalora))

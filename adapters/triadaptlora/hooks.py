@@ -17,6 +17,7 @@ import math
 import torch
 
 from adapters.base import MethodHooks
+from adapters.orthogonality import orthogonality_penalty
 
 from .model import TriAdaptLoraModel, frobenius_norms, total_rank
 
@@ -38,15 +39,13 @@ def growth_progress(step: int, warmup: int, total_steps: int) -> float:
     return min(1.0, max(0.0, (step - warmup) / (total_steps - warmup)))
 
 
-def orthogonality_penalty(tuner: TriAdaptLoraModel, adapter_name: str) -> torch.Tensor:
-    """Mean over all A and B matrices of ||A A^T - I||_F and ||B^T B - I||_F (AdaLoRA's R)."""
-    terms = []
+def factor_pairs(tuner: TriAdaptLoraModel, adapter_name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) of every adapted matrix, for AdaLoRA's orthogonality penalty (adapters/orthogonality.py)."""
+    pairs = []
     for layer in tuner.adapted_layers(adapter_name).values():
         a, _, b = layer.factors(adapter_name)
-        for gram in (a @ a.T, b.T @ b):
-            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-            terms.append(torch.linalg.matrix_norm(gram - eye))
-    return torch.stack(terms).mean()
+        pairs.append((a, b))
+    return pairs
 
 
 class TriAdaptLoraHooks(MethodHooks):
@@ -120,7 +119,7 @@ class TriAdaptLoraHooks(MethodHooks):
     def extra_losses(self, batch, outputs, model) -> dict[str, torch.Tensor]:
         if not self.config.orth_reg_weight:
             return {}
-        return {"reg/orth": self.config.orth_reg_weight * orthogonality_penalty(self.tuner, self.adapter)}
+        return {"reg/orth": self.config.orth_reg_weight * orthogonality_penalty(factor_pairs(self.tuner, self.adapter))}
 
     def metrics(self) -> dict[str, float]:
         return {"adapter/total_rank": float(total_rank(self.tuner, self.adapter))}
