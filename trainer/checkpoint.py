@@ -2,10 +2,11 @@
 
 A checkpoint `checkpoints/step-N/` holds everything a resumed run needs to continue as if it had
 never stopped: trainable weights (safetensors), optimizer state with its param-group layout,
-method state (e.g. grown ranks), the data-stream position, every process's RNG, and the W&B
-run id. It is written under `.tmp-step-N` and renamed into place, so a kill during a save
-leaves the previous checkpoint untouched. Under DeepSpeed the engine writes weights and the
-partitioned optimizer state itself.
+method state (e.g. grown ranks), the data-stream position, every process's random generators
+(Python, numpy, torch's CPU one and its accelerator device's), and the W&B run id. It is
+written under `.tmp-step-N` and renamed into place, so a kill during a save leaves the previous
+checkpoint untouched. Under DeepSpeed the engine writes weights and the partitioned optimizer
+state itself (pickles), read back with `weights_only=True` (trainer/deepspeed_load.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -42,8 +44,29 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: Python's, numpy's global one, torch's CPU one and, on an
+    accelerator, the generator of the process's device (dropout on a GPU draws from that one).
+    Only tensors, ints and floats, so `torch.load(weights_only=True)` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if device.type != "cpu":
+        state["device"] = {"type": device.type, "state": torch.get_device_module(device.type).get_rng_state(device)}
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state`. A device generator is restored on the same kind of device only (a run
+    moved between CPU and GPU cannot continue bit for bit anyway: the kernels differ)."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["gauss"]))
+    if device.type != "cpu" and state.get("device", {}).get("type") == device.type:
+        torch.get_device_module(device.type).set_rng_state(state["device"]["state"], device)
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, state: dict, method_state: dict,
@@ -64,7 +87,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sta
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "groups": _group_names(accelerator, model, optimizer)},
                        tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    torch.save(rng_state(accelerator.device), tmp / f"rng-{rank}.pt")
     if accelerator.is_main_process:
         torch.save(method_state, tmp / "method_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -102,6 +125,8 @@ def saved_group_names(ckpt: Path) -> list[dict] | None:
 def load_checkpoint(accelerator, ckpt: Path, model, optimizer) -> None:
     """Restore weights, optimizer and this process's RNG (call after accelerator.prepare)."""
     if is_deepspeed(accelerator):
+        from trainer.deepspeed_load import weights_only_loads  # imports deepspeed: only when it runs
+        weights_only_loads(model)  # DeepSpeed's own loader would unpickle anything
         model.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
     else:
         weights = load_file(str(ckpt / "trainable.safetensors"))
@@ -110,6 +135,4 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer) -> None:
             for name, value in weights.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"])
-    rng = torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=True), accelerator.device)
