@@ -14,20 +14,27 @@ import yaml
 from trainer.checkpoint import latest_checkpoint
 from trainer.errors import UserError
 
-# Sections that must match to resume; train.max_steps, eval/save cadence and tracking may change.
-RESUME_MUST_MATCH = ("model", "data", "adapter", "optim")
-RESUME_TRAIN_KEYS = ("batch_size", "gradient_accumulation_steps", "seed")
+# What may change when a run resumes: how long it runs and when it stops, how often it logs,
+# evaluates and saves, what it prints, and tracking. Every other key (model, data, adapter, optim,
+# and the rest of train: batch, accumulation, seed, LR schedule, warm-up, clipping, gradient
+# checkpointing) must match, or the resumed steps would not be the steps of the run that was stopped.
+RESUME_MAY_CHANGE = {"tracking"} | {f"train.{k}" for k in (
+    "output_dir", "max_steps", "stop_after_steps", "eval_every", "eval_batches", "log_every", "save_every", "keep_last",
+    "resume", "overwrite", "sample_prompts", "max_new_tokens")}
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in RESUME_MAY_CHANGE:
+            continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
+            found = _first_difference(a, b, f"{path}.")
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key} was {a!r}, now {b!r}"
+            return f"{path} was {a!r}, now {b!r}"
     return None
 
 
@@ -48,13 +55,9 @@ def plan_run_dir(cfg) -> Path | None:
         raise UserError("already holds a run", where=f"train.output_dir={run_dir}",
                         hint="use train.resume=auto to continue it, train.overwrite=true to replace it, or another output_dir")
     old = yaml.safe_load(saved.read_text()) or {}
-    new = cfg.to_dict()
-    for section in RESUME_MUST_MATCH:
-        diff = _first_difference(old.get(section, {}), new[section], f"{section}.")
-        if diff:
-            raise UserError(f"cannot resume with a different config: {diff}", where=str(saved))
-    for key in RESUME_TRAIN_KEYS:
-        if old.get("train", {}).get(key) != new["train"][key]:
-            raise UserError(f"cannot resume with a different config: train.{key} was "
-                            f"{old.get('train', {}).get(key)!r}, now {new['train'][key]!r}", where=str(saved))
+    diff = _first_difference(old, cfg.to_dict())
+    if diff:
+        raise UserError(f"cannot resume with a different config: {diff}", where=str(saved),
+                        hint="only train.max_steps, stop_after_steps, eval/log/save cadence, sample prompts and "
+                             "tracking may change on resume; use another output_dir for a different run")
     return latest_checkpoint(run_dir)
