@@ -53,7 +53,9 @@ class StepResult:
     loss: torch.Tensor  # this process's share of the normalised task loss, still on the device
     extras: dict[str, torch.Tensor]  # method terms (reg/*), averaged over the micro-batches
     grad_norm: torch.Tensor | None  # pre-clip global norm; None where DeepSpeed does not report it
-    units: int  # loss units (tokens, examples, queries) of the whole step on all processes
+    # loss units (tokens, examples, queries) of the whole step on all processes: an int on one
+    # process, a device tensor with several (read it only when logging)
+    units: int | torch.Tensor
 
 
 def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -129,13 +131,16 @@ def train_step(job: Job, micro: list[dict], step: int) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
     # normalise by the loss units of the whole accumulated batch on all processes, so the update
-    # does not depend on how the batch is split into micro-batches or processes; counted on the
-    # host batches, so one process never waits on the GPU for it
+    # does not depend on how the batch is split into micro-batches or processes. Counted on the
+    # host batches; with several processes the global count is summed on the device and stays
+    # there (the loss is divided by a device tensor), so the host never waits for the collective
     units = sum(task.units(mb) for mb in micro)
     if accelerator.num_processes > 1:
-        units = int(accelerator.reduce(torch.tensor(units, device=accelerator.device), reduction="sum"))
+        units = accelerator.reduce(torch.tensor(units, device=accelerator.device), reduction="sum")
+        scale = accelerator.num_processes / units.clamp(min=1)
+    else:
+        scale = 1 / max(units, 1)
     micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
-    scale = accelerator.num_processes / max(units, 1)
     create_graph = optim.wants_create_graph(getattr(optimizer, "optimizer", optimizer))
     # accumulate as tensors: a float() per micro-batch would force a device sync each time
     task_loss, extra_totals = torch.zeros((), device=accelerator.device), {}

@@ -79,7 +79,7 @@ def train(cfg: Config) -> Path:
         if step % t.log_every == 0 or step == t.max_steps:
             loss_value = float(accelerator.reduce(result.loss, reduction="sum"))
             row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "epoch": round(stream.epoch, 4),
-                   "tokens_per_s": window_units / max(window_time, 1e-9), "peak_rss_mb": _peak_rss_mb()}
+                   "tokens_per_s": float(window_units) / max(window_time, 1e-9), "peak_rss_mb": _peak_rss_mb()}
             if result.grad_norm is not None:
                 row["grad_norm"] = float(result.grad_norm)
             row.update({k: float(v) for k, v in result.extras.items()})
