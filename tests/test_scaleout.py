@@ -60,16 +60,63 @@ def test_two_processes_match_one(profile, reference, tmp_path):
         torch.testing.assert_close(saved[k], ref[k], atol=1e-5, rtol=1e-3)
 
 
-def test_zero3_resume_continues_exactly(reference, tmp_path):
+class RunsCode:
+    """A pickle that, when loaded with weights_only=False, creates the file `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("profile", ["deepspeed-zero2", "deepspeed-zero3"])
+def test_zero_resume_continues_exactly_and_never_unpickles_code(reference, tmp_path, profile):
     out = tmp_path / "run"
-    first = launch("deepspeed-zero3", out, "train.stop_after_steps=2")
+    first = launch(profile, out, "train.stop_after_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch("deepspeed-zero3", out, "train.resume=auto")
+    # a copy of the run whose engine file also holds an object that runs code when unpickled
+    tampered, ran = tmp_path / "tampered", tmp_path / "code-ran"
+    shutil.copytree(out, tampered)
+    states = tampered / "checkpoints" / "step-2" / "engine" / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)  # our own file, just written
+    state["extra"] = RunsCode(ran)
+    torch.save(state, states)
+    refused = launch(profile, tampered, "train.resume=auto")
+    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
+    assert not ran.exists()
+    ours = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "mp_rank_00_model_states.pt" in ours[0], refused.stderr[-2000:]
+
+    second = launch(profile, out, "train.resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]
     want, got = losses(reference), losses(out)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-5)
+
+
+def test_deepspeeds_own_load_would_run_the_code_ours_refuses(tmp_path):
+    """Why the swap is needed: DeepSpeed's stock engine runs what a checkpoint file holds."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from trainer.deepspeed_load import WeightsOnlyCheckpointEngine
+    from trainer.errors import UserError
+    path, ran = tmp_path / "states.pt", tmp_path / "code-ran"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": RunsCode(ran)}, path)
+    with pytest.raises(UserError, match="states.pt"):
+        WeightsOnlyCheckpointEngine().load(str(path), map_location="cpu")
+    assert not ran.exists()
+    TorchCheckpointEngine().load(str(path), map_location="cpu")
+    assert ran.exists()
+
+
+def test_adahessian_refused_on_two_processes(tmp_path):
+    proc = launch("ddp-cpu", tmp_path / "run", "optim.name=adahessian", args=[])
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "optim.name" in ours[0] and "single.yaml" in ours[0] and "ddp-cpu" not in ours[0], ours
+    assert not (tmp_path / "run").exists()
 
 
 def test_galore_refused_under_zero(tmp_path):

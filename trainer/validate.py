@@ -16,9 +16,16 @@ def check_runtime(cfg, accelerator) -> None:
     opt = optim.OPTIMIZERS[cfg.optim.name]
     method = adapters.ADAPTERS[cfg.adapter.type]
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if opt.double_backward and accelerator.num_processes > 1:
+        # DDP all-reduces the gradients in backward hooks, but the Hessian-vector products are taken
+        # of the local gradient graph: each process would precondition with its own curvature
+        raise UserError(f"{cfg.optim.name} differentiates the gradients a second time, and that graph does not pass "
+                        f"through the gradient all-reduce of DDP or DeepSpeed, so its Hessian estimate would differ "
+                        f"per process", where="optim.name", hint="launch on one process (configs/accelerate/single.yaml)")
     if sharded and not opt.supports_zero:
         raise UserError(f"{cfg.optim.name} needs whole, unpartitioned gradients per parameter, which DeepSpeed ZeRO "
-                        f"and FSDP shard", where="optim.name", hint="launch with configs/accelerate/ddp-cpu.yaml or single.yaml")
+                        f"and FSDP shard", where="optim.name",
+                        hint="launch with configs/accelerate/single.yaml" + ("" if opt.double_backward else " or ddp-cpu.yaml"))
     if method.adds_parameters and accelerator.num_processes > 1:
         raise UserError(f"{cfg.adapter.type} adds parameters during training, which DDP's gradient sync and ZeRO's "
                         f"partitioning cannot take in after start-up", where="adapter.type",
