@@ -71,6 +71,8 @@ class AdapterSpec:
     adds_parameters: bool = False
     # the model.task values the method can train; None = every task
     tasks: Optional[tuple[str, ...]] = None
+    # why the method cannot train with train.gradient_checkpointing (refused at config load); None = it can
+    no_gradient_checkpointing: Optional[str] = None
     # custom final save (out_dir, peft_model, state_dict) for methods whose saved form differs
     # from the training form (PiSSA-style residual bases); None = peft's save_pretrained
     save_adapter: Optional[Callable[[torch.nn.Module, str, Optional[dict]], None]] = None

@@ -36,4 +36,6 @@ def build_prefix(model, opts: PrefixOptions, ctx: BuildContext):
     return get_peft_model(model, config), MethodHooks()
 
 
-register_adapter(AdapterSpec("prefix", PrefixOptions, build_prefix, tasks=("causal_lm", "retrieval")))
+register_adapter(AdapterSpec("prefix", PrefixOptions, build_prefix, tasks=("causal_lm", "retrieval"),
+                             no_gradient_checkpointing="peft's prefix tuning passes the prefix as a key/value cache, "
+                                                       "which gradient checkpointing does not support"))

@@ -89,6 +89,9 @@ class Config(Section):
         if method.tasks and self.model.task not in method.tasks:
             raise ValueError(f"adapter.type={self.adapter.type} supports model.task "
                              f"{' | '.join(method.tasks)}, not {self.model.task}")
+        if self.train.gradient_checkpointing and method.no_gradient_checkpointing:
+            raise ValueError(f"adapter.type={self.adapter.type} cannot train with train.gradient_checkpointing=true: "
+                             f"{method.no_gradient_checkpointing}")
         spec = optim.OPTIMIZERS[self.optim.name]
         if spec.full_parameter_only and self.adapter.type != "none":
             raise ValueError(

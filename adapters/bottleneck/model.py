@@ -1,4 +1,9 @@
-"""BottleneckModel: the peft tuner that puts a bottleneck adapter after every target linear layer."""
+"""BottleneckModel: the peft tuner that puts a bottleneck adapter after every target linear layer.
+
+Saved keys hold no adapter name, as peft's own tuners' (an adapter saved as "default" loads under
+any name): the name sits one level deeper than peft's default key mapping expects
+(`bottleneck_adapter.<name>.up.weight`, a module per adapter), so the mapping is overridden.
+"""
 from __future__ import annotations
 
 from adapters.base import NotMergeableError
@@ -28,5 +33,19 @@ class BottleneckModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return remove_nested_adapter_name(key, adapter_name, cls.tuner_layer_cls.adapter_layer_names)
+
     def _check_merge_allowed(self):
         raise NotMergeableError(NOT_MERGEABLE)
+
+
+def remove_nested_adapter_name(key: str, adapter_name: str, containers: tuple[str, ...]) -> str:
+    """`...<container>.<adapter_name>.<rest>` -> `...<container>.<rest>` (the checkpoint key). peft
+    uses this one mapping both ways (save: strip; load: the inverse, built from the model's keys)."""
+    for container in containers:
+        marker = f".{container}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{container}.", 1)
+    return BaseTuner._remove_adapter_name_from_key(key, adapter_name)

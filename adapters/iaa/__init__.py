@@ -10,20 +10,18 @@ equations in docs/methods/iaa.md. Importing this package registers the tuner wit
 from __future__ import annotations
 
 from peft import get_peft_model
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import register_peft_method
 
 from adapters.base import AdapterSpec, BuildContext, MethodHooks, register_adapter
+from adapters.peft_types import register_tuner
 from adapters.tasks import peft_task_type
 
-from .config import IAA, PEFT_NAME, IAAConfig, IAAOptions
-from .layer import IAALayer, IAALinear, Pathway
+from .config import PEFT_NAME, IAAConfig, IAAOptions
+from .layer import GRADIENT_CHECKPOINTING, IAALayer, IAALinear, Pathway
 from .model import IAAModel, pathway_layers
 
 __all__ = ["IAAConfig", "IAALayer", "IAALinear", "IAAModel", "IAAOptions", "Pathway", "build_iaa", "pathway_layers"]
 
-if IAA not in PEFT_TYPE_TO_TUNER_MAPPING:  # a module reload must not register twice
-    register_peft_method(name=PEFT_NAME, config_cls=IAAConfig, model_cls=IAAModel)
+register_tuner(PEFT_NAME, IAAConfig, IAAModel)
 
 
 def iaa_config_from_options(opts: IAAOptions, ctx: BuildContext) -> IAAConfig:
@@ -32,11 +30,7 @@ def iaa_config_from_options(opts: IAAOptions, ctx: BuildContext) -> IAAConfig:
 
 
 def build_iaa(model, opts: IAAOptions, ctx: BuildContext):
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        # recomputing a layer in the backward pass would advance the pathway a second time
-        raise ValueError("IAA's aside pathway carries a state from layer to layer during the forward pass, which "
-                         "gradient checkpointing's recomputation breaks; set train.gradient_checkpointing=false")
     return get_peft_model(model, iaa_config_from_options(opts, ctx)), MethodHooks()
 
 
-register_adapter(AdapterSpec(PEFT_NAME, IAAOptions, build_iaa))
+register_adapter(AdapterSpec(PEFT_NAME, IAAOptions, build_iaa, no_gradient_checkpointing=GRADIENT_CHECKPOINTING))

@@ -27,6 +27,11 @@ NOT_MERGEABLE = ("IAA cannot be merged into the base model: its inside modules a
                  "keep the adapter attached (PeftModel.from_pretrained) to use it")
 
 
+GRADIENT_CHECKPOINTING = ("IAA's aside pathway carries a state from layer to layer during the forward pass, which "
+                          "gradient checkpointing's recomputation (layer by layer, in reverse) breaks; train without "
+                          "gradient checkpointing (train.gradient_checkpointing=false)")
+
+
 class Pathway:
     """The aside state s of each adapter during one forward pass, handed from layer to layer."""
 
@@ -41,7 +46,8 @@ class Pathway:
             previous = self.state.get(adapter)
             if previous is None:
                 raise RuntimeError(f"IAA pathway of adapter {adapter!r}: layer {position} ran before layer 0 of the "
-                                   "same forward pass (the layers must run in model order, once each)")
+                                   "same forward pass (the layers must run in model order, once each). "
+                                   + GRADIENT_CHECKPOINTING)
             collected = previous + inside
         state = collected + aside(collected)
         # the last layer hands the state to the network; dropping it here keeps no activations alive

@@ -13,8 +13,10 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from adapters.bottleneck.model import remove_nested_adapter_name
+
 from .config import INSIDE_TARGETS, PEFT_NAME, IAAConfig
-from .layer import NOT_MERGEABLE, IAALayer, IAALinear, Pathway
+from .layer import GRADIENT_CHECKPOINTING, NOT_MERGEABLE, IAALayer, IAALinear, Pathway
 
 
 class IAAModel(BaseTuner):
@@ -56,6 +58,16 @@ class IAAModel(BaseTuner):
             layer.iaa_position[adapter_name] = position
             layer.iaa_last[adapter_name] = position == len(layers) - 1
             layer.iaa_pathway = self.__dict__["iaa_pathway"]
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # keys `iaa_inside.<name>.up.weight`: the name one level deeper than peft expects (see bottleneck)
+        return remove_nested_adapter_name(key, adapter_name, cls.tuner_layer_cls.adapter_layer_names)
+
+    def _prepare_model(self, peft_config: IAAConfig, model: nn.Module) -> None:
+        # peft calls this before injecting, on every path (get_peft_model, from_pretrained, add_adapter)
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            raise ValueError(GRADIENT_CHECKPOINTING)
 
     def _check_merge_allowed(self):
         raise NotMergeableError(NOT_MERGEABLE)
