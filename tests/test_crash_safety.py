@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from cli_runner import ROOT, TINY, losses, run_inprocess
+from cli_runner import ROOT, TINY, losses, metrics, run_inprocess
+from trainer.checkpoint import checkpoint_dirs
 
 COMMON = ["train.max_steps=8", "train.save_every=2", "train.keep_last=2", "train.eval_batches=1",
           "data.max_length=32", "train.gradient_accumulation_steps=2"]
@@ -45,25 +45,33 @@ def test_crash_in_the_middle_of_a_save(tmp_path, monkeypatch):
         assert b[step] == pytest.approx(a[step], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def straight_6(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kill") / "straight"
+    assert run_inprocess("--config", TINY, f"train.output_dir={out}", *KILL_ARGS) == 0
+    return out
+
+
+KILL_ARGS = ["train.max_steps=6", "train.save_every=2", "train.keep_last=1", "train.eval_batches=1",
+             "data.max_length=32", "adapter.dropout=0.1"]
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume(tmp_path):
-    """A real SIGKILL at an arbitrary moment after the first checkpoint."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["train.max_steps=16", "train.save_every=1", "train.eval_batches=1", "data.max_length=32"]
-    assert run_inprocess("--config", TINY, f"train.output_dir={straight}", *args) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", TINY, f"train.output_dir={killed}",
-                             *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not (killed / "checkpoints" / "step-3").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.3)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert run_inprocess("--config", TINY, f"train.output_dir={killed}", "train.resume=auto", *args) == 0
-    a, b = losses(straight), losses(killed)
-    assert sorted(b) == list(range(1, 17))
+@pytest.mark.parametrize("point", ["weights", "optimizer", "rename", "prune"])
+def test_sigkill_inside_a_save_then_resume(tmp_path, straight_6, point):
+    """A real SIGKILL at a chosen point inside the save of step 4 (tests/kill_runner.py); the run
+    resumes from the last complete checkpoint (step 2, or step 4 once it was renamed into place)
+    and logs every step once, with the losses of the uninterrupted run."""
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_runner.py"), point, "4", "--config", TINY,
+                           f"train.output_dir={killed}", *KILL_ARGS], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    complete = [p.name for p in checkpoint_dirs(killed) if (p / "trainable.safetensors").exists()]
+    assert complete == (["step-4"] if point == "prune" else ["step-2"])
+    assert run_inprocess("--config", TINY, f"train.output_dir={killed}", "train.resume=auto", *KILL_ARGS) == 0
+    logged = [m["step"] for m in metrics(killed) if "loss" in m]
+    assert logged == list(range(1, 7))  # nothing logged twice, nothing missing
+    a, b = losses(straight_6), losses(killed)
     for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-6)
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
