@@ -3,7 +3,7 @@ estimate of the Hessian diagonal.
 
 The training loop must call `loss.backward(create_graph=True)` whenever `wants_create_graph()`
 is True, because the Hessian-vector product is taken through the graph that `p.grad` carries.
-Update rule (research/optimizers.md, section 1.1):
+Update rule (docs/methods/optimizers.md, "AdaHessian"):
 
     D   = spatial_average(|mean_i z_i * H z_i|)            z_i Rademacher, on Hessian steps
     m   = b1 m + (1 - b1) g               v = b2 v + (1 - b2) D*D   (v: Hessian steps only)

@@ -5,7 +5,7 @@ from the SVD of G: the top-`rank` left singular vectors P (m x r, R = P^T G, r x
 singular vectors Q (r x n, R = G Q^T, m x r). Adam runs on R, its direction N is projected back
 (P N or N Q), scaled by `scale`, and applied; decoupled weight decay acts on the full W. The Adam
 moments therefore cost r * max(m, n) each instead of m * n. Parameters of groups without a `rank`,
-and non-matrix parameters, get plain AdamW. See research/optimizers.md, section 2.1.
+and non-matrix parameters, get plain AdamW. See docs/methods/optimizers.md, "GaLoreAdamW".
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ DEFAULT_TARGET_MODULES = [
 # ---------------------------------------------------------------------------------------------
 
 def projection_side(shape: torch.Size, proj_type: str) -> str:
-    """'left' keeps P (m x r), 'right' keeps Q (r x n). 'std' projects the larger dimension away
-    (the smaller side of the state stays full), which gives the smallest moments."""
+    """'left' keeps P (m x r), 'right' keeps Q (r x n). 'std' projects the smaller dimension down to
+    r and keeps the larger one whole (R is max(m, n) x r), as the paper and its code do;
+    'reverse_std' projects the larger one."""
     m, n = shape
     if proj_type == "std":
         return "right" if m >= n else "left"
@@ -187,7 +188,8 @@ class GaLoreOptions(OptimizerOptions):
     )
     proj_type: Literal["std", "reverse_std", "left", "right"] = Field(
         "std",
-        description="Projected side: std projects the larger dimension, reverse_std the smaller, left/right force it.",
+        description="Projected side: std projects the smaller dimension to rank r (as the paper), reverse_std the "
+        "larger, left/right force it.",
     )
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),

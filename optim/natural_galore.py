@@ -2,7 +2,7 @@
 of a damped empirical Fisher built from the last s low-rank gradients.
 
 With g the flattened low-rank gradient (length k) and G = [g_t, ..., g_{t-s+1}] (k x s, the
-current gradient included), following the reference implementation (research/optimizers.md 2.3):
+current gradient included), following the reference implementation (docs/methods/optimizers.md, "NaturalGaLore"):
 
     F = lambda I + G G^T                       (the paper writes G G^T / s; the code does not)
     F^-1 g = g / lambda - G (I_s + G^T G / lambda)^-1 G^T g / lambda^2        (Woodbury)

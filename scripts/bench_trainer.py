@@ -24,8 +24,8 @@ the first `--warmup` steps are excluded, and each run reports the MEDIAN per-ste
 Ours is the real `trainer.loop.train(cfg)`: the harness only wraps `Tracker.advance` and
 the loop's per-micro-batch loss-unit count to take timestamps and hash batches; it does not re-implement anything.
 
-  /work/venv/bin/python scripts/bench_trainer.py     # defaults: bs 4, len 128, 8 steps (3 warm-up), 3 repeats
-  /work/venv/bin/python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
+  python scripts/bench_trainer.py     # defaults: bs 4, len 128, 8 steps (3 warm-up), 3 repeats
+  python scripts/bench_trainer.py --variants padded,packed,hfpacked --out runs/bench/x.json
   python scripts/bench_trainer.py --device cuda --precision bf16 --threads 4 --steps 40 --warmup 10
 
 Threads: OMP/MKL_NUM_THREADS and torch.set_num_threads are set to --threads (2) in every child, and

@@ -315,7 +315,7 @@ def main(argv=None):
 
 def compare(dirs: list[str], tol: float = 1e-5):
     """Equivalence table against the first directory."""
-    res = [(d, torch.load(Path(d) / "result.pt", weights_only=False)) for d in dirs]
+    res = [(d, torch.load(Path(d) / "result.pt", weights_only=True)) for d in dirs]
     ref_d, ref = res[0]
     print(f"reference: {ref_d} ({ref['mode']} W={ref['world']} ga={ref['ga']})")
     print(f"{'run':40s} {'mode':7s} W ga micro  max|dloss|   max|dnorm|   max|dweight|  loop_s")

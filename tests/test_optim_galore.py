@@ -281,3 +281,14 @@ def test_registration_groups_and_options(name, cls, options):
         spec.build(model.named_parameters(), options(target_modules=["no_such_layer"]))
     with pytest.raises(ValueError, match="proj_type"):
         cls([{"params": [model.q_proj.weight], "rank": 2, "proj_type": "full"}])
+
+
+def test_std_projects_the_smaller_dimension_as_documented():
+    """The paper's rule (and its code): m >= n projects on the right, so the n side becomes r."""
+    for m, n in ((8, 5), (5, 8)):
+        g = torch.randn(m, n, dtype=F64)
+        side = projection_side(g.shape, "std")
+        low = project(g, make_projector(g, 2, side), side)
+        assert sorted(low.shape) == [2, max(m, n)]  # the smaller of m, n went to r = 2
+    for text in (projection_side.__doc__, GaLoreOptions.model_fields["proj_type"].description):
+        assert "std projects the smaller dimension" in " ".join(text.split())
