@@ -32,13 +32,17 @@ def half_written(path) -> None:
 
 
 def arm(point: str, step: int) -> None:
-    saving = f".tmp-step-{step}"
+    saving = f"step-{step}"
+
+    def in_save(path) -> bool:  # a file of the step's directory while it is written (.tmp-step-N)
+        return Path(path).parent.name in (f".tmp-{saving}", saving)
+
     if point == "weights":
         real_save_file = ckpt.save_file
 
         def save_file(tensors, path, *args, **kwargs):
             real_save_file(tensors, path, *args, **kwargs)
-            if saving in str(path):
+            if in_save(path):
                 half_written(path)
         ckpt.save_file = save_file
     elif point == "optimizer":
@@ -46,14 +50,14 @@ def arm(point: str, step: int) -> None:
 
         def save(obj, path, *args, **kwargs):
             real_save(obj, path, *args, **kwargs)
-            if saving in str(path) and Path(path).name == "optimizer.pt":
+            if in_save(path) and Path(path).name == "optimizer.pt":
                 half_written(path)
         torch.save = save
     elif point == "rename":
         real_replace = os.replace
 
         def replace(src, dst, *args, **kwargs):
-            if Path(src).name == saving:
+            if Path(src).name == f".tmp-{saving}":
                 die()
             return real_replace(src, dst, *args, **kwargs)
         os.replace = replace

@@ -151,7 +151,7 @@ def test_two_adapters_switch_disable_and_delete(name, saved, base_factory):
 @pytest.mark.parametrize("name", SAVED)
 def test_low_cpu_mem_usage_load_leaves_nothing_on_meta(name, saved, base_factory):
     path, trained = saved(name)
-    model = PeftModel.from_pretrained(base_factory(), path, low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(base_factory(), path, adapter_name="other", low_cpu_mem_usage=True)
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert on_meta == []
     torch.testing.assert_close(_logits(model), trained)
@@ -195,9 +195,8 @@ def test_regex_targets_with_layer_indices_are_refused_as_lora_refuses_them(name)
 # ----- gradient checkpointing -------------------------------------------------------------------
 
 def test_iaa_refuses_gradient_checkpointing_enabled_through_peft_or_the_config(base_factory, tmp_path):
-    from peft import prepare_model_for_kbit_training
-    model = prepare_model_for_kbit_training(base_factory(), use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = base_factory()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient checkpointing"):
         get_peft_model(model, CONFIGS["iaa"]())
     for method in ("iaa", "prefix"):

@@ -279,14 +279,24 @@ def test_short_training_improves_retrieval_mrr_on_a_held_out_pool(tmp_path, digi
     assert final_after["eval/recall@10"] >= final_after["eval/recall@5"] >= final_after["eval/recall@1"]
 
 
-@pytest.mark.parametrize("adapter", ["iaa", "bottleneck", "prefix", "bitfit", "lora", "none"])
-def test_every_baseline_adapter_trains_retrieval_through_the_loop(tmp_path, digits_pairs, adapter):
+# A fixed batch: 40 pairs, 8 held out, the other 32 form every step's batch (InfoNCE over the
+# batch does not depend on its order), so each method must fit it. Chance is ln 32 = 3.47; over 16
+# steps these fell by 0.8 (IAA) to 2.3 (LoRA) nats; 0.3 is far above the step-to-step noise (~0.05).
+FIXED_BATCH = ["data.max_examples=40", "data.eval_fraction=0.2", "train.batch_size=32", "train.max_steps=16",
+               "train.eval_batches=1", "train.lr_schedule=constant", "train.warmup_steps=0", "train.log_every=1"]
+
+
+def _fell(rows: list[dict], by: float) -> bool:
+    curve = [r["loss"] for r in rows if "loss" in r]
+    return sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - by
+
+
+@pytest.mark.parametrize(("adapter", "lr"), [("iaa", "5e-2"), ("bottleneck", "5e-2"), ("lora", "5e-2"), ("none", "1e-3")])
+def test_every_baseline_adapter_trains_retrieval_through_the_loop(tmp_path, digits_pairs, adapter, lr):
     out = tmp_path / adapter
-    assert _run(out, digits_pairs, "model.task=retrieval", f"adapter.type={adapter}", "optim.lr=1e-2",
-                "train.max_steps=4", "train.eval_batches=1") == 0
+    assert _run(out, digits_pairs, "model.task=retrieval", f"adapter.type={adapter}", f"optim.lr={lr}", *FIXED_BATCH) == 0
     rows = metrics(out)
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses and all(math.isfinite(v) for v in losses)
+    assert _fell(rows, 0.3), [r["loss"] for r in rows if "loss" in r]
     assert "eval/mrr@10" in rows[-1]
     saved = out / ("model" if adapter in ("none", "bitfit") else "adapter")
     assert saved.is_dir()

@@ -61,7 +61,7 @@ def test_two_processes_match_one(profile, reference, tmp_path):
 
 
 class RunsCode:
-    """A pickle that, when loaded with weights_only=False, creates the file `path`."""
+    """A pickle that, when fully unpickled, creates the file `path`."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -78,15 +78,15 @@ def test_zero_resume_continues_exactly_and_never_unpickles_code(reference, tmp_p
     # a copy of the run whose engine file also holds an object that runs code when unpickled
     tampered, ran = tmp_path / "tampered", tmp_path / "code-ran"
     shutil.copytree(out, tampered)
-    states = tampered / "checkpoints" / "step-2" / "engine" / "mp_rank_00_model_states.pt"
-    state = torch.load(states, weights_only=False)  # our own file, just written
-    state["extra"] = RunsCode(ran)
-    torch.save(state, states)
+    for states in (tampered / "checkpoints" / "step-2" / "engine").glob("*model_states.pt"):  # every rank's
+        state = torch.load(states, weights_only=True)  # engine files hold tensors and plain values only
+        state["extra"] = RunsCode(ran)
+        torch.save(state, states)
     refused = launch(profile, tampered, "train.resume=auto")
     assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
     assert not ran.exists()
     ours = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 1 and "mp_rank_00_model_states.pt" in ours[0], refused.stderr[-2000:]
+    assert len(ours) == 1 and "model_states.pt" in ours[0], refused.stderr[-2000:]
 
     second = launch(profile, out, "train.resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]

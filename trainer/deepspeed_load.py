@@ -1,8 +1,8 @@
 """Reading DeepSpeed checkpoints without unpickling arbitrary objects.
 
 DeepSpeed saves its engine and ZeRO optimizer state with `torch.save` and reads it back through
-its checkpoint engine with `torch.load(weights_only=False)`: a checkpoint file could run any code
-on resume. `weights_only_loads(engine)` makes the engine read with `weights_only=True` instead,
+its checkpoint engine with a full unpickling `torch.load`: a checkpoint file could run any code on
+resume. `weights_only_loads(engine)` makes the engine read with `weights_only=True` instead,
 allowing only the few DeepSpeed classes that its ZeRO-2/3 checkpoints hold (found by reading real
 checkpoints with `torch.serialization.get_unsafe_globals_in_checkpoint`; tests/test_scaleout.py
 resumes ZeRO-2 and ZeRO-3 through it). Anything else is refused with one line.
