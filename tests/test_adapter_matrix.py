@@ -77,7 +77,9 @@ TASK_OPTIONS = {
 # cases whose loss stays on the tiny BERT's plateau (tried up to 80 steps and lr 2e-2..2e-1);
 # their checkpoint, reload and merge are still checked
 PLATEAU = {
-    ("bitfit", "sequence_classification"): "biases alone cannot separate the near-identical [CLS] features of the random tiny BERT",
+    ("bitfit", "sequence_classification"): "biases alone cannot separate the near-identical [CLS] features of the "
+                                           "random tiny BERT (on the pretrained MiniLM they lower the retrieval loss: "
+                                           "test_retrieval.py::test_bitfit_and_prefix_lower_the_retrieval_loss...)",
 }
 
 

@@ -302,10 +302,33 @@ def test_every_baseline_adapter_trains_retrieval_through_the_loop(tmp_path, digi
     assert saved.is_dir()
 
 
-@pytest.mark.parametrize("adapter", ["iaa", "none"])
-def test_reranking_trains_through_the_loop(tmp_path, digits_pairs, adapter):
+# On the real MiniLM (packaged, pretrained): biases alone and a prefix can move its embeddings, which
+# the random tiny BERT's near-identical features do not let them do within a test's budget (BitFit
+# and prefix stayed within noise of ln 32 there over 16 steps at lr 1e-2..2e-1). A fixed batch of
+# 16 chatterbot question/answer pairs (20, 4 held out); chance is ln 16 = 2.77.
+MINILM = ["model.name_or_path=packaged:all-minilm-l6-v2", "data.path=packaged:chatterbot_qa_pairs", "data.max_length=32",
+          "data.max_examples=20", "data.eval_fraction=0.2", "train.max_steps=12", "train.eval_batches=1",
+          "train.lr_schedule=constant", "train.warmup_steps=0", "train.log_every=1", "optim.name=adamw"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["bitfit", "prefix"])
+def test_bitfit_and_prefix_lower_the_retrieval_loss_of_a_pretrained_encoder(tmp_path, adapter):
+    """Observed: BitFit 1.25 -> 0.18 and prefix 2.25 -> 0.94 nats (means of the first and last 3 steps)."""
     out = tmp_path / adapter
-    assert _run(out, digits_pairs, "model.task=reranking", f"adapter.type={adapter}", "optim.lr=1e-3",
-                "train.batch_size=4", "train.max_steps=3", "train.eval_batches=2") == 0
-    final = metrics(out)[-1]
-    assert {"eval/loss", "eval/mrr@10", "eval/recall@1", "eval/recall@5", "eval/recall@10"} <= set(final)
+    assert run_inprocess(*MINILM, f"train.output_dir={out}", "model.task=retrieval", f"adapter.type={adapter}",
+                         "optim.lr=1e-2", "train.batch_size=16") == 0
+    rows = metrics(out)
+    assert _fell(rows, 0.5), [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+def test_reranking_trains_through_the_loop(tmp_path):
+    """A cross-encoder with a fresh relevance head, IAA on MiniLM, listwise over 8 (ln 8 = 2.08).
+    Observed 2.02 -> 1.72 over 12 steps; full fine-tuning at lr 5e-5 did not move within 12 steps."""
+    out = tmp_path / "iaa"
+    assert run_inprocess(*MINILM, f"train.output_dir={out}", "model.task=reranking", "adapter.type=iaa",
+                         "optim.lr=1e-2", "train.batch_size=8") == 0
+    rows = metrics(out)
+    assert _fell(rows, 0.15), [r["loss"] for r in rows if "loss" in r]
+    assert {"eval/loss", "eval/mrr@10", "eval/recall@1", "eval/recall@5", "eval/recall@10"} <= set(rows[-1])
