@@ -201,6 +201,9 @@ def main(argv=None):
 
     start_step = 0
     if args.resume_from:
+        if is_ds:  # DeepSpeed's own checkpoint read unpickles anything; read tensors and its own classes only
+            from trainer.deepspeed_load import weights_only_loads
+            weights_only_loads(model)
         if is_ds and args.ds_exclude_frozen:
             accelerator.load_state(args.resume_from, load_module_strict=False)  # base weights come from the model build
         else:
