@@ -34,7 +34,7 @@ def model_cfg(name_or_path: str = "tiny:llama", **overrides) -> SimpleNamespace:
 def data_cfg(path: str, **overrides) -> SimpleNamespace:
     """A duck-typed `data` config section with the schema's defaults."""
     fields = {"path": path, "format": None, "eval_path": None, "eval_fraction": 0.05, "max_length": 512,
-              "packing": False, "max_examples": None}
+              "packing": False, "max_examples": None, "labels": None}
     return SimpleNamespace(**(fields | overrides))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.data import build_datasets, packaged
+from trainer.data import LabelMap, build_datasets, packaged
 from trainer.data.formats import check_format, infer_format, render
 from trainer.data.packing import Collator, count_loss_tokens, pack
 from trainer.data.sources import load_rows
@@ -226,12 +226,16 @@ def test_text_learns_every_token_and_ends_with_eos(smollm2_tokenizer):
 
 
 def test_classification_row(minilm_tokenizer):
+    ids = LabelMap(["0", "1"])
     example = render({"text": "a fine film", "label": "1"}, "classification", minilm_tokenizer, 512,
-                     where="f: row 1")
+                     where="f: row 1", labels=ids)
     assert example["label"] == 1
     assert minilm_tokenizer.decode(example["input_ids"]) == "[CLS] a fine film [SEP]"
-    with pytest.raises(UserError, match="row 7: field 'label'"):
-        render({"text": "x", "label": "fresh"}, "classification", minilm_tokenizer, 512, where="f: row 7")
+    with pytest.raises(UserError, match="row 7: label 'fresh' is not one of the run's labels"):
+        render({"text": "x", "label": "fresh"}, "classification", minilm_tokenizer, 512, where="f: row 7", labels=ids)
+    named = render({"text": "x", "label": "fresh"}, "classification", minilm_tokenizer, 512, where="f: row 1",
+                   labels=LabelMap(["fresh", "rotten"]))
+    assert named["label"] == 0
 
 
 def test_chat_refused_without_chat_template(minilm_tokenizer):

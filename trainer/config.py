@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import adapters
 import optim
+from trainer.data.labels import LabelNames
 from trainer.errors import UserError
 
 
@@ -28,7 +29,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = Field("packaged:smollm2-135m-instruct", description="hub id, local folder, packaged:NAME or tiny:llama|bert")
     task: Literal["causal_lm", "sequence_classification", "retrieval", "reranking"] = "causal_lm"
-    num_labels: int = Field(2, ge=2, description="classes, for sequence_classification")
+    num_labels: Optional[int] = Field(None, ge=2, description="classes, for sequence_classification; unset: the labels' count")
     temperature: float = Field(0.05, gt=0, description="retrieval: InfoNCE temperature over cosine similarities")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Optional[Literal["eager", "sdpa"]] = None
@@ -42,6 +43,7 @@ class DataConfig(Section):
     max_length: int = Field(512, ge=8)
     packing: bool = False
     max_examples: Optional[int] = Field(None, ge=1)
+    labels: LabelNames = Field(None, description="class names in id order; unset: from the data (trainer.data.labels)")
 
 
 class TrainConfig(Section):
@@ -54,6 +56,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="null disables clipping")
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    eval_at_start: bool = Field(False, description="also evaluate the untrained model, logged as step 0")
     eval_batches: Optional[int] = Field(None, ge=1, description="cap on eval micro-batches")
     log_every: int = Field(1, ge=1)
     save_every: int = Field(0, ge=0, description="0: no intermediate checkpoints")

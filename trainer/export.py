@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import adapters
+from trainer.data import labels
 from trainer.distributed import gather_trainable, is_zero3
 from trainer.errors import UserError
 
@@ -28,6 +29,8 @@ def save_final(accelerator, model, tokenizer, cfg, run_dir: Path) -> Path:
         else:
             unwrapped.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
+        if labels.of(cfg) is not None:  # peft's adapter files have no place for class names
+            labels.save(labels.of(cfg), tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     accelerator.wait_for_everyone()
@@ -57,7 +60,8 @@ def export(run: str, out: str, merge: bool, overwrite: bool = False) -> Path:
         shutil.copytree(trained, tmp)
     else:
         tokenizer = load_tokenizer(cfg.model)
-        base = load_model(cfg.model, tokenizer)
+        classes = labels.of(cfg)
+        base = load_model(cfg.model, tokenizer, classes.id2label() if classes else None)
         try:
             merged = PeftModel.from_pretrained(base, str(trained)).merge_and_unload()
         except adapters.NotMergeableError as e:  # non-linear adapters (IAA, bottleneck) have no weight update

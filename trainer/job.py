@@ -23,7 +23,7 @@ import adapters
 import optim
 from trainer import checkpoint
 from trainer.config import Config
-from trainer.data import build_datasets
+from trainer.data import build_datasets, labels
 from trainer.distributed import is_deepspeed, micro_batch_context
 from trainer.errors import UserError
 from trainer.models import load_model, load_tokenizer
@@ -59,8 +59,10 @@ class StepResult:
 
 
 def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(train, eval) examples of `cfg.data` rendered for `cfg.model.task`."""
-    return build_datasets(cfg.data, tokenizer, cfg.model.task, cfg.train.seed)
+    """(train, eval) examples of `cfg.data` rendered for `cfg.model.task`, labels mapped as the
+    resolved config names them."""
+    cfg = labels.resolve(cfg)
+    return build_datasets(cfg.data, tokenizer, cfg.model.task, cfg.train.seed, labels.of(cfg))
 
 
 def load_trainable_model(cfg: Config, tokenizer) -> tuple[torch.nn.Module, adapters.MethodHooks]:
@@ -69,7 +71,8 @@ def load_trainable_model(cfg: Config, tokenizer) -> tuple[torch.nn.Module, adapt
     if optim.OPTIMIZERS[cfg.optim.name].double_backward and model_cfg.attn_implementation is None:
         # fused SDPA kernels have no double backward; eager attention does
         model_cfg = model_cfg.model_copy(update={"attn_implementation": "eager"})
-    model = load_model(model_cfg, tokenizer)
+    classes = labels.of(cfg)
+    model = load_model(model_cfg, tokenizer, classes.id2label() if classes else None)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -108,7 +111,9 @@ def add_method_params(opt, new_params, cfg: Config) -> None:
 def build_job(cfg: Config, accelerator, *, tokenizer=None, data: tuple[list[dict], list[dict]] | None = None,
               resume_from: Path | None = None) -> Job:
     """Every part of a job, prepared by accelerate. `data` replaces `cfg.data` (a federated
-    client's partition); `resume_from` restores method state, weights, optimizer and RNG."""
+    client's partition); `resume_from` restores method state, weights, optimizer and RNG.
+    The job's config has its classification labels resolved (trainer.data.labels)."""
+    cfg = labels.resolve(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     train_set, eval_set = data if data is not None else load_data(cfg, tokenizer)
     task = TASKS[cfg.model.task](cfg, tokenizer)  # batches, loss, loss units, evaluation

