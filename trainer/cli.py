@@ -1,4 +1,4 @@
-"""Command line: `train.py --config X.yaml [key=value ...]` and `train.py export ...`.
+"""Command line: `train.py [--config X.yaml] [key=value ...]` and `train.py export|eval|predict ...`.
 
 User errors print one line on stderr and exit 2; nothing else is caught.
 """
@@ -13,8 +13,8 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning. "
-                                "Subcommand: `train.py export --help`.")
-    p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml")
+                                "Subcommands: `train.py export|eval|predict --help`.")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml (none: the demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
@@ -30,6 +30,12 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(text: str, print_config: bool) -> None:
+    """A note to the user, once under a launcher; beside --print-config on stderr (stdout: the YAML)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr if print_config else sys.stdout, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -39,10 +45,23 @@ def main(argv: list[str] | None = None) -> int:
             out = export(args.run, args.out, merge=args.merge, overwrite=args.overwrite)
             print(f"exported to {out}")
             return 0
+        if argv[:1] == ["eval"]:
+            from trainer.inference.evaluation import main as evaluate_run
+            return evaluate_run(argv[1:])
+        if argv[:1] == ["predict"]:
+            from trainer.inference.prediction import main as predict
+            return predict(argv[1:])
         args = _train_parser().parse_intermixed_args(argv)
+        from trainer import demo
+        if args.config is None and not args.overrides:  # the demo, said before seconds of imports
+            _say(demo.announcement(), args.print_config)
+            args.config = str(demo.recipe())
         from trainer.config import load_config
         overrides = list(args.overrides) + (["train.overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides)
+        if args.config is None:
+            _say("\n".join(["no --config given: the schema's defaults with your overrides"] + demo.plan(cfg.to_dict())),
+                 args.print_config)
         if args.print_config:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
