@@ -139,9 +139,22 @@ def chat_run(tmp_path_factory):
     run_dir = root / "run"
     assert run_inprocess("--config", TINY, "data.path=packaged:chatterbot_qa", "data.format=chat", "data.max_examples=16",
                          "data.eval_fraction=0.01", "data.max_length=48", "train.max_steps=3", "train.max_new_tokens=6",
-                         "train.eval_batches=null",
+                         "train.eval_batches=null", "train.eval_at_start=true",
                          f"train.output_dir={run_dir}") == 0
     return run_dir
+
+
+def _token_loss(model, examples) -> float:
+    """Mean next-token cross-entropy over the loss tokens, one example at a time (no padding)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+            logits = model(input_ids=ids).logits[0]
+            keep = labels[1:] != -100
+            total += float(F.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
 
 
 def test_eval_perplexity_is_the_exp_of_the_direct_token_loss(chat_run, tmp_path):
@@ -149,19 +162,15 @@ def test_eval_perplexity_is_the_exp_of_the_direct_token_loss(chat_run, tmp_path)
     cfg, tokenizer, model = _reference(chat_run)
     from trainer.job import load_data
     _, held_out = load_data(cfg, tokenizer)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for example in held_out:  # one at a time: no padding at all
-            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
-            logits = model(input_ids=ids).logits[0]
-            keep = labels[1:] != -100
-            total += float(F.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum"))
-            count += int(keep.sum())
+    loss = _token_loss(model, held_out)
     assert report["examples"] == len(held_out)
-    assert report["metrics"]["loss"] == pytest.approx(total / count, rel=1e-4)
-    assert report["metrics"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
-    final = [m for m in metrics(chat_run) if "eval/loss" in m][-1]
-    assert report["metrics"]["loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+    assert report["metrics"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert report["metrics"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    evals = {m["step"]: m["eval/loss"] for m in metrics(chat_run) if "eval/loss" in m}
+    assert report["metrics"]["loss"] == pytest.approx(evals[cfg.train.max_steps], rel=1e-5)
+    # train.eval_at_start: step 0 is the base model (LoRA starts as the identity) on the same rows
+    assert evals[0] == pytest.approx(_token_loss(load_model(cfg.model, tokenizer).eval(), held_out), rel=1e-5)
+    assert evals[0] != pytest.approx(evals[cfg.train.max_steps], rel=1e-3)
 
 
 def test_predict_answers_equal_model_generate(chat_run, tmp_path):

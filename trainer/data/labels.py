@@ -28,7 +28,7 @@ LABELS_FILE = "labels.json"
 
 
 def _key(value) -> str | None:
-    """A label as the text that names it: 1, 1.0 (a CSV column with gaps) and "1" are all "1"."""
+    """A label as the text that names it: 1, 1.0 (a CSV column with gaps), "1" and "01" are all "1"."""
     if isinstance(value, bool):
         return None  # true/false would silently become "True"/"False"; refuse instead
     if isinstance(value, int):
@@ -36,7 +36,8 @@ def _key(value) -> str | None:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else None
     if isinstance(value, str):
-        return value.strip() or None  # " positive" after a CSV comma is "positive"
+        text = value.strip()  # " positive" after a CSV comma is "positive"
+        return str(int(text)) if text.isdecimal() else text or None  # "01" is id 1
     return None
 
 
@@ -94,7 +95,7 @@ def infer(rows: list[dict], source: str, declared: list[str] | None = None,
             what = "missing field 'label'" if value is None else f"field 'label' must be a class name or id, got {value!r}"
             raise UserError(what, where=f"{source}: row {index + 1}")
         keys.append(key)
-    if all(k.isdigit() for k in keys):
+    if all(k.isdecimal() for k in keys):
         top = max(int(k) for k in keys)
         if num_labels is not None and top >= num_labels:
             row = next(i for i, k in enumerate(keys) if int(k) == top) + 1

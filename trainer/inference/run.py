@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 import adapters
 from trainer.checkpoint import latest_checkpoint
@@ -82,14 +83,31 @@ def load(run: Run, tokenizer) -> Loaded:
     """The run's trained model as training left it, in eval mode, with its task."""
     cfg = run.cfg
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:  # every process would evaluate the whole data and write --out
+        raise UserError("eval and predict run on one process", where="accelerate launch",
+                        hint="run python train.py eval|predict ...")
     classes = run.labels
     id2label = classes.id2label() if classes is not None else None
     if run.full:
         model = load_model(cfg.model.model_copy(update={"name_or_path": str(run.trained_dir)}), tokenizer, id2label)
     else:
-        model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer, id2label), str(run.trained_dir))
+        with _quiet_transformers():  # its report of a newly initialised head: the adapter restores it
+            base = load_model(cfg.model, tokenizer, id2label)
+        model = PeftModel.from_pretrained(base, str(run.trained_dir))
     model = accelerator.prepare_model(model, evaluation_mode=True).eval()
     return Loaded(run, accelerator, tokenizer, model, TASKS[cfg.model.task](cfg, tokenizer))
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' warnings off for a while (a fresh classification head, trained in the adapter,
+    is reported as "newly initialized ... consider training", which misleads a user evaluating it)."""
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def positive_int(text: str) -> int:
