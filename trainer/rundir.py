@@ -20,7 +20,7 @@ from trainer.errors import UserError
 # checkpointing) must match, or the resumed steps would not be the steps of the run that was stopped.
 RESUME_MAY_CHANGE = {"tracking"} | {f"train.{k}" for k in (
     "output_dir", "max_steps", "stop_after_steps", "eval_every", "eval_batches", "log_every", "save_every", "keep_last",
-    "resume", "overwrite", "sample_prompts", "max_new_tokens")}
+    "resume", "overwrite", "sample_prompts", "max_new_tokens", "eval_at_start")}
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
