@@ -32,7 +32,9 @@ class ModelConfig(Section):
     num_labels: Optional[int] = Field(None, ge=2, description="classes, for sequence_classification; unset: the labels' count")
     temperature: float = Field(0.05, gt=0, description="retrieval: InfoNCE temperature over cosine similarities")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Optional[Literal["eager", "sdpa"]] = None
+    attn_implementation: Optional[Literal["eager", "sdpa", "sdpa_varlen", "flash_attention_2"]] = Field(
+        None, description="null: transformers' default (sdpa), or for packed batches the per-document kernel "
+                          "of trainer.varlen_attention (flash_attention_2 on CUDA in bf16/fp16 when installed)")
 
 
 class DataConfig(Section):
@@ -66,6 +68,9 @@ class TrainConfig(Section):
     resume: Optional[Literal["auto"]] = Field(None, description="auto: continue from the last checkpoint in output_dir")
     overwrite: bool = False
     gradient_checkpointing: bool = False
+    logits: Literal["auto", "full"] = Field("auto", description="auto: causal LM lm_head + loss only at the loss "
+                                            "positions, in chunks, where the model allows it; full: every position")
+    compile: bool = Field(False, description="torch.compile each decoder layer (trainer.compile)")
     sample_prompts: list[str] = Field(default_factory=list, description="answered before and after training")
     max_new_tokens: int = Field(48, ge=1)
 

@@ -73,11 +73,14 @@ def train(cfg: Config) -> Path:
         _report_eval(tracker, 0, evaluate(accelerator, model, eval_set, task, t.batch_size, t.eval_batches),
                      "before training:")
     model.train()
-    step, window_units, window_time = state["step"], 0, 0.0
+    step, window_units, window_time, noted = state["step"], 0, 0.0, 0
     while step < t.max_steps:
         began = time.perf_counter()
         micro = [task.collate([train_set[i] for i in stream.next_indices()]) for _ in range(t.gradient_accumulation_steps)]
         result = train_step(job, micro, step)
+        for note in task.notes[noted:]:  # choices the task made on the first batch (loss path, attention)
+            tracker.write(note)
+        noted = len(task.notes)
         step += 1
         window_units += result.units
         window_time += time.perf_counter() - began

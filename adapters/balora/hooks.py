@@ -7,12 +7,16 @@ by its scheduled lambda (a zero tensor, not computed, while the weight is 0). Wh
   * NLU: the batch's (N x classes) logits.
 The consistency teacher is the original model (W, not W_res) computed through the frozen
 initial adapter; it gets the batch's model inputs (MODEL_INPUTS), never its labels.
+When the causal LM's loss runs at the loss positions only (trainer.loss_positions), the outputs
+carry the hidden states of those rows; student and teacher logits are then computed for them
+alone, which gives the same rows as the full logits (tests/test_lm_loss.py checks it).
 """
 from __future__ import annotations
 
 import torch
 
 from adapters.base import MethodHooks
+from trainer.loss_positions import LossPositionOutputs, forward_at_positions
 
 from . import regularizers as R
 from .config import ResolvedSettings
@@ -54,17 +58,26 @@ class BaLoraHooks(MethodHooks):
             return logits.reshape(-1, logits.shape[-1])
         return logits[mask.bool()]
 
+    def _teacher_rows(self, batch: dict, outputs) -> torch.Tensor:
+        """The original model's logits on the rows the student's come from."""
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if not isinstance(outputs, LossPositionOutputs):
+            return self._rows(self.initial.original_forward(**inputs).logits, batch)
+        with self.initial.original() as original:  # its output layer, too, only at those positions
+            return forward_at_positions(original, inputs, outputs.positions).logits()
+
     def extra_losses(self, batch, outputs, model) -> dict[str, torch.Tensor]:
         s = self.settings
         weights = self.weights(self.step)
-        student = self._rows(outputs.logits, batch)
-        zero = outputs.logits.new_zeros((), dtype=torch.float32)
+        # on the causal LM's loss-positions path the outputs hold the hidden states of exactly the
+        # rows `_rows` would keep, in the same order: the logits are computed for those rows only
+        student = outputs.logits() if isinstance(outputs, LossPositionOutputs) else self._rows(outputs.logits, batch)
+        zero = student.new_zeros((), dtype=torch.float32)
         if student.shape[0] == 0:
             return {name: zero for name in weights}
         losses = {}
         if weights["reg/consistency"] > 0:
-            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-            teacher = self._rows(self.initial.original_forward(**inputs).logits, batch)
+            teacher = self._teacher_rows(batch, outputs)
             losses["reg/consistency"] = weights["reg/consistency"] * R.consistency(student, teacher, s.temperature)
         if weights["reg/diversity"] > 0:
             term = (R.covariance_diversity(student) if s.form == "nlu"

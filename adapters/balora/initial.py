@@ -64,18 +64,24 @@ class InitialAdapter:
             for name, (a, b) in live.items():
                 self.layers[name].lora_A[self.adapter], self.layers[name].lora_B[self.adapter] = a, b
 
-    @torch.no_grad()
-    def original_forward(self, **inputs):
-        """Outputs of the original (pre-PiSSA) model on `inputs`: eval mode, no dropout, no grad."""
+    @contextmanager
+    def original(self):
+        """Inside the block the peft model computes the original (pre-PiSSA) model: eval mode,
+        no dropout, no grad; yields the model."""
         model = self.peft_model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            with self.swapped():
-                return model(**inputs)
+            with torch.no_grad(), self.swapped():
+                yield model
         finally:
             for m, training in modes:
                 m.training = training
+
+    def original_forward(self, **inputs):
+        """Outputs of the original (pre-PiSSA) model on `inputs`: eval mode, no dropout, no grad."""
+        with self.original() as model:
+            return model(**inputs)
 
     # ----- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -21,13 +21,23 @@ class Task:
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        # choices the task made on its own (e.g. which loss path), for the run log
+        self.notes: list[str] = []
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """A micro-batch of tensors from rendered examples (see trainer.data.formats)."""
         raise NotImplementedError
 
     def forward_loss(self, model, batch: dict) -> tuple[Any, torch.Tensor]:
-        """(outputs, summed loss). The outputs go on to the method hooks' extra losses."""
+        """(outputs, summed loss) of one micro-batch: the contract of the training step, evaluation
+        and co-served fine-tuning. The loss is a sum over the batch's `units`.
+
+        `outputs` go on to the method hooks' extra losses and to `eval_counts`. They are the
+        model's own outputs (with `.logits` over every position), except for a causal LM on
+        the loss-positions path, which returns a `trainer.loss_positions.LossPositionOutputs`:
+        the final hidden states at the loss positions only, the [B, T] mask of those positions,
+        the output layer, and `.logits()` for the [M, V] logits there. The full logits of that
+        micro-batch never exist; hooks that read logits must accept both forms."""
         raise NotImplementedError
 
     def units(self, batch: dict) -> int:

@@ -1,9 +1,26 @@
-"""Causal language modelling: next-token cross-entropy over the label tokens."""
+"""Causal language modelling: next-token cross-entropy over the label tokens.
+
+Two ways to the same loss (tests/test_lm_loss.py checks that values and gradients agree):
+  * loss positions (`train.logits: auto`, where it applies): the output layer and the loss only
+    at the positions whose next token carries a label, in chunks (trainer.loss_positions,
+    trainer.linear_ce); `forward_loss` then returns a `LossPositionOutputs`, not the model's;
+  * full logits: the model's [batch, length, vocabulary] logits and a cross-entropy over them;
+    `forward_loss` returns the model's outputs. Taken with `train.logits: full`, for optimizers
+    that differentiate twice (AdaHessian: the chunked loss has no double backward), and where the
+    check on the first batch finds the split does not reproduce the model (trainer.loss_positions).
+The choice is made once, on the first batch, and recorded in `notes` (the loop prints it).
+"""
 from __future__ import annotations
 
+import optim
 from trainer.data.packing import Collator, count_loss_tokens
+from trainer.linear_ce import chunk_rows_for, linear_cross_entropy_sum
+from trainer.loss_positions import (check_split, forward_at_positions, loss_positions, next_token_targets,
+                                    output_layer)
 from trainer.objective import forward, token_loss_sum
 from trainer.tasks.base import Task
+
+SPLIT_NOTE = "loss: lm_head and cross-entropy at the loss positions only, in chunks of {rows} rows"
 
 
 class CausalLM(Task):
@@ -12,10 +29,44 @@ class CausalLM(Task):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.collate = Collator(tokenizer.pad_token_id, self.name, packed=cfg.data.packing)
+        self.split: bool | None = None  # decided on the first batch
+        self.fixed_reason = self._fixed_reason(cfg)
+
+    @staticmethod
+    def _fixed_reason(cfg) -> str | None:
+        """Why the full-logits path is required by the configuration alone (None: it is not)."""
+        if getattr(cfg.train, "logits", "auto") == "full":
+            return "train.logits=full"
+        if optim.OPTIMIZERS[cfg.optim.name].double_backward:
+            return f"{cfg.optim.name} differentiates the loss twice; the chunked loss has no double backward"
+        return None
+
+    def _decide(self, model, batch) -> None:
+        reason = self.fixed_reason or check_split(model, batch)
+        self.split = reason is None
+        if self.split:
+            self.chunk_rows = chunk_rows_for(_vocab_size(output_layer(model)))
+            self.notes.append(SPLIT_NOTE.format(rows=self.chunk_rows))
+        else:
+            self.notes.append(f"loss: full logits ({reason})")
 
     def forward_loss(self, model, batch):
-        outputs = forward(model, batch)
-        return outputs, token_loss_sum(outputs.logits, batch["labels"])
+        if self.split is None:
+            self._decide(model, batch)
+        if not self.split:
+            outputs = forward(model, batch)
+            return outputs, token_loss_sum(outputs.logits, batch["labels"])
+        positions = loss_positions(batch["labels"])
+        outputs = forward_at_positions(model, batch, positions)
+        targets = next_token_targets(batch["labels"], positions)
+        with outputs.autocast():
+            loss = linear_cross_entropy_sum(outputs.hidden, outputs.head, targets, self.chunk_rows)
+        return outputs, loss
 
     def units(self, batch):
         return count_loss_tokens(batch["labels"])
+
+
+def _vocab_size(head) -> int:
+    base = head.get_base_layer() if hasattr(head, "get_base_layer") else head  # inside a peft wrapper
+    return base.weight.shape[0]
