@@ -22,6 +22,7 @@ import torch
 import adapters
 import optim
 from trainer import checkpoint
+from trainer.compile import compile_layers
 from trainer.config import Config
 from trainer.data import build_datasets, labels
 from trainer.distributed import is_deepspeed, micro_batch_context
@@ -29,6 +30,7 @@ from trainer.errors import UserError
 from trainer.models import load_model, load_tokenizer
 from trainer.schedule import lr_factor
 from trainer.tasks import TASKS, Task
+from trainer.varlen_attention import packed_attention
 
 
 @dataclass
@@ -65,12 +67,15 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
     return build_datasets(cfg.data, tokenizer, cfg.model.task, cfg.train.seed, labels.of(cfg))
 
 
-def load_trainable_model(cfg: Config, tokenizer) -> tuple[torch.nn.Module, adapters.MethodHooks]:
-    """The base model wrapped by the configured adapter, and the method's hooks."""
+def load_trainable_model(cfg: Config, tokenizer, mixed_precision: str = "no") -> tuple[torch.nn.Module, adapters.MethodHooks]:
+    """The base model wrapped by the configured adapter, and the method's hooks. `mixed_precision`
+    (accelerate's: no, bf16, fp16) decides whether packed batches can use flash-attention."""
     model_cfg = cfg.model
     if optim.OPTIMIZERS[cfg.optim.name].double_backward and model_cfg.attn_implementation is None:
         # fused SDPA kernels have no double backward; eager attention does
         model_cfg = model_cfg.model_copy(update={"attn_implementation": "eager"})
+    elif model_cfg.attn_implementation is None and cfg.data.packing and model_cfg.task == "causal_lm":
+        model_cfg = model_cfg.model_copy(update={"attn_implementation": packed_attention(mixed_precision)})
     classes = labels.of(cfg)
     model = load_model(model_cfg, tokenizer, classes.id2label() if classes else None)
     if cfg.train.gradient_checkpointing:
@@ -78,9 +83,12 @@ def load_trainable_model(cfg: Config, tokenizer) -> tuple[torch.nn.Module, adapt
         model.enable_input_require_grads()
     spec = adapters.ADAPTERS[cfg.adapter.type]
     try:
-        return spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, cfg.train.max_steps, cfg.train.seed))
+        model, hooks = spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, cfg.train.max_steps, cfg.train.seed))
     except (ValueError, NotImplementedError) as e:  # a method refusing this model or setting
         raise UserError(str(e).splitlines()[0], where=f"adapter.type={cfg.adapter.type}") from None
+    if cfg.train.compile:
+        compile_layers(model)
+    return model, hooks
 
 
 def build_optimizer(model, cfg: Config, saved_groups: list[dict] | None):
@@ -117,7 +125,9 @@ def build_job(cfg: Config, accelerator, *, tokenizer=None, data: tuple[list[dict
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     train_set, eval_set = data if data is not None else load_data(cfg, tokenizer)
     task = TASKS[cfg.model.task](cfg, tokenizer)  # batches, loss, loss units, evaluation
-    model, hooks = load_trainable_model(cfg, tokenizer)
+    model, hooks = load_trainable_model(cfg, tokenizer, accelerator.mixed_precision)
+    attention = getattr(model.config, "_attn_implementation", None)
+    task.notes.append(f"attention: {attention}" + (", decoder layers compiled" if cfg.train.compile else ""))
     if resume_from:
         hooks.load_state_dict(checkpoint.read_state(resume_from)[1])  # may reshape the model (grown ranks)
     optimizer = build_optimizer(model, cfg, checkpoint.saved_group_names(resume_from) if resume_from else None)

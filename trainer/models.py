@@ -29,6 +29,7 @@ from transformers import (
     LlamaConfig,
 )
 
+import trainer.varlen_attention  # noqa: F401  (registers attn_implementation "sdpa_varlen" with transformers)
 from trainer.errors import UserError
 
 WHERE = "model.name_or_path"

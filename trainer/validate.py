@@ -34,9 +34,16 @@ def check_runtime(cfg, accelerator) -> None:
         if accelerator.mixed_precision == "fp16":
             raise UserError(f"{cfg.optim.name} differentiates gradients a second time, which fp16 loss scaling "
                             f"corrupts", where="optim.name", hint="use bf16 or fp32 mixed precision")
-        if cfg.model.attn_implementation == "sdpa":
-            raise UserError(f"{cfg.optim.name} needs a double-backward path; fused SDPA attention kernels have none",
+        if cfg.model.attn_implementation not in (None, "eager"):
+            raise UserError(f"{cfg.optim.name} needs a double-backward path; fused attention kernels "
+                            f"({cfg.model.attn_implementation}) have none",
                             where="model.attn_implementation", hint="leave it unset: eager attention is forced")
         if getattr(accelerator.state, "dynamo_plugin", None) and accelerator.state.dynamo_plugin.backend.value != "NO":
             raise UserError(f"{cfg.optim.name} is not supported under torch.compile (double backward)",
                             where="accelerate config dynamo_backend", hint="set dynamo_backend: 'NO'")
+        if cfg.train.compile:
+            raise UserError(f"{cfg.optim.name} is not supported under torch.compile (double backward)",
+                            where="train.compile", hint="set train.compile=false")
+    if cfg.model.attn_implementation == "flash_attention_2" and not accelerator.device.type == "cuda":
+        raise UserError("flash_attention_2 runs on CUDA GPUs only", where="model.attn_implementation",
+                        hint="leave it unset: packed batches get sdpa_varlen on the CPU")

@@ -1,0 +1,76 @@
+"""`sdpa_varlen` (trainer.varlen_attention): attention one document at a time on packed rows gives
+the logits and gradients of transformers' eager attention with its block-diagonal mask, and of a
+separate forward of each document alone; unpacked and padded batches are unchanged."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer import varlen_attention
+from trainer.varlen_attention import NAME, document_sizes
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+              vocab_size=200, use_cache=False)  # with a cache, transformers ignores packing (see trainer.models)
+SIZES = ([9, 7, 8], [15, 1, 8])  # two packed rows; a one-token document too
+
+
+def model(attn: str):
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG)
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config)
+
+
+def packed():
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    positions = torch.stack([torch.cat([torch.arange(s) for s in sizes]) for sizes in SIZES])
+    return ids, positions
+
+
+def logits_and_grads(m, **inputs):
+    m.zero_grad(set_to_none=True)
+    logits = m(**inputs).logits
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_document_sizes_follow_the_position_restarts():
+    _, positions = packed()
+    assert document_sizes(positions) == [9, 7, 8, 15, 1, 8]
+    assert document_sizes(torch.arange(10).expand(3, 10).clone()) is None  # nothing packed
+
+
+def test_packed_rows_equal_eager_block_mask_and_each_document_alone():
+    ids, positions = packed()
+    ours, ours_grads = logits_and_grads(model(NAME), input_ids=ids, position_ids=positions)
+    eager, eager_grads = logits_and_grads(model("eager"), input_ids=ids, position_ids=positions)
+    assert torch.allclose(ours, eager, atol=1e-5)
+    for name in eager_grads:
+        assert torch.allclose(ours_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6), name
+    with torch.no_grad():  # independent reference: every document run on its own
+        alone = model("eager")
+        for row, sizes in enumerate(SIZES):
+            start = 0
+            for size in sizes:
+                want = alone(input_ids=ids[row:row + 1, start:start + size]).logits[0]
+                assert torch.allclose(ours[row, start:start + size], want, atol=1e-5)
+                start += size
+
+
+def test_padded_batches_and_generation_take_transformers_sdpa(monkeypatch):
+    calls = []
+    real = varlen_attention.attention_by_document
+    monkeypatch.setattr(varlen_attention, "attention_by_document", lambda *a: calls.append(1) or real(*a))
+    ids, _ = packed()
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        ours = model(NAME)(input_ids=ids, attention_mask=mask).logits
+        sdpa = model("sdpa")(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(ours, sdpa) and not calls
+        generated = model(NAME).generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated, model("sdpa").generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False))
