@@ -59,7 +59,7 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _config(spec: dict, packing: bool, output_dir: str):
+def _config(spec: dict, packing: bool, output_dir: str, extra: list[str] = ()):
     from trainer.config import load_config
 
     overrides = [
@@ -71,7 +71,7 @@ def _config(spec: dict, packing: bool, output_dir: str):
         "train.sample_prompts=[]", f"train.seed={spec['seed']}", f"train.output_dir={output_dir}",
         "train.overwrite=true", "tracking.wandb=false", f"model.name_or_path={spec['model']}",
     ]
-    return load_config(RECIPE, overrides)
+    return load_config(RECIPE, overrides + list(extra))
 
 
 def _fingerprint(batch: dict) -> str:
@@ -88,10 +88,24 @@ def _batch_stats(batch: dict) -> dict:
     from trainer.data import count_loss_tokens
 
     stats = {"loss_tokens": count_loss_tokens(batch["labels"]), "positions": int(batch["input_ids"].numel()),
-             "fp": _fingerprint(batch)}
+             "fp": _fingerprint(batch), **_attention_pairs(batch)}
     if "attention_mask" in batch:
         stats["input_tokens"] = int(batch["attention_mask"].sum())
     return stats
+
+
+def _attention_pairs(batch: dict) -> dict:
+    """Causal (query, key) pairs per micro-batch: `rows` when every row is one attention block
+    (padded rows, or packed rows under a block-diagonal mask), `documents` when each packed
+    document is its own block (sdpa_varlen, flash-attention's varlen kernel)."""
+    rows, width = batch["input_ids"].shape
+    out = {"pairs_rows": rows * width * (width + 1) // 2}
+    if "position_ids" in batch:
+        from trainer.varlen_attention import document_sizes
+
+        sizes = document_sizes(batch["position_ids"]) or [width] * rows
+        out["pairs_documents"] = sum(n * (n + 1) // 2 for n in sizes)
+    return out
 
 
 def _threads() -> int:
@@ -152,17 +166,25 @@ def child_ours(spec: dict, result_path: Path) -> None:
         marks.append((time.perf_counter(), time.process_time()))
         return real_advance(self)
 
+    notes, real_write = [], Tracker.write
+
+    def write(self, text):  # the loop's notes: which loss path and attention ran
+        notes.append(text)
+        return real_write(self, text)
+
     _hook_units(record)
     Tracker.advance = advance
+    Tracker.write = write
     run_dir = Path(spec["workdir"]) / f"ours-{spec['tag']}"
-    cfg = _config(spec, spec["packing"], str(run_dir))
+    cfg = _config(spec, spec["packing"], str(run_dir), spec.get("ours_overrides", []))
     loop.train(cfg)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     steps = [m for m in metrics if "tokens_per_s" in m]
     _write_result(result_path, marks, batches, at_start,
                   losses=[m["loss"] for m in steps],
                   extra={"loop_tokens_per_s": [m["tokens_per_s"] for m in steps],
-                         "loop_peak_rss_mb": steps[-1]["peak_rss_mb"] if steps else None})
+                         "loop_peak_rss_mb": steps[-1]["peak_rss_mb"] if steps else None,
+                         "notes": [n for n in notes if n.startswith(("loss:", "attention:"))]})
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -234,7 +256,103 @@ def _write_result(path: Path, marks, batches, at_start, losses, extra) -> None:
     path.write_text(json.dumps(result))
 
 
+# ---- roofline ----------------------------------------------------------------------------------
+
+GEMMS = {"square": (2048, 2048, 2048), "model": (2048, 576, 1536)}  # (m, k, n); "model": an MLP matmul of a step
+
+
+def child_peak(spec: dict, result_path: Path) -> None:
+    """fp32 matmul GFLOP/s on the benchmark's threads: best and median of 10 timed products."""
+    _set_threads(spec["threads"])
+    import torch
+
+    out = {}
+    for name, (m, k, n) in GEMMS.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            began = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - began)
+        out[name] = {"best_gflops": 2 * m * k * n / min(times) / 1e9,
+                     "median_gflops": 2 * m * k * n / statistics.median(times) / 1e9}
+    result_path.write_text(json.dumps(out))
+
+
+class FlopModel:
+    """Forward + backward FLOPs of one training step of the benchmarked model (matmuls only).
+
+    Per position: the decoder's linear layers forward (2 per weight) and their input gradients
+    (2 per weight; the base weights are frozen), LoRA's forward (2) and both of its gradients (4);
+    attention: QK^T and AV forward (4 x heads x head_dim per causal pair) and twice that backward;
+    the output layer (2 x hidden x vocab forward, as much for the input gradient, the tied matrix
+    being frozen) at every row it is applied to: every position on HF's side, only the loss
+    positions on ours when it takes that path. Causal pairs are counted per attention block: a
+    row (padded rows, or packed rows under a block mask) or a document (sdpa_varlen).
+    """
+
+    def __init__(self, config, lora_r: int, lora_targets: list[str]):
+        h, i, hd = config.hidden_size, config.intermediate_size, getattr(config, "head_dim", None)
+        nh, nkv = config.num_attention_heads, config.num_key_value_heads
+        hd = hd or h // nh
+        shapes = {"q_proj": (h, nh * hd), "k_proj": (h, nkv * hd), "v_proj": (h, nkv * hd), "o_proj": (nh * hd, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        self.layers = config.num_hidden_layers
+        self.linear = sum(a * b for a, b in shapes.values())
+        self.lora = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
+        self.attn_width = nh * hd
+        self.head = h * config.vocab_size
+
+    def step(self, batch: dict, head_rows: str, blocks: str) -> float:
+        positions = batch["positions"]
+        body = positions * self.layers * (4 * self.linear + 6 * self.lora)
+        attention = self.layers * 3 * 4 * self.attn_width * batch[f"pairs_{blocks}"]
+        head = 4 * self.head * (batch["loss_tokens"] if head_rows == "loss" else positions)
+        return float(body + attention + head)
+
+
+def side_flops(raw: dict, flop_model: FlopModel | None):
+    """(batch stats -> FLOPs of that step) for a run, from the paths it reports having taken."""
+    if flop_model is None:
+        return None
+    notes = " ".join(raw.get("notes", []))
+    head_rows = "loss" if "loss positions" in notes else "all"
+    blocks = "documents" if "sdpa_varlen" in notes or "flash_attention" in notes else "rows"
+    return lambda batch: flop_model.step(batch, head_rows, blocks)
+
+
 # ---- parent ------------------------------------------------------------------------------------
+
+def run_peak(spec: dict, workdir: Path) -> dict:
+    """The fp32 matmul roofline, measured in a child with the same threads and environment."""
+    result_path = workdir / "peak.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    if spec.get("omp_wait_policy"):
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "peak", "--spec", json.dumps(spec),
+           "--result", str(result_path)]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return json.loads(result_path.read_text())
+
+
+def make_flop_model(spec: dict) -> FlopModel | None:
+    """The FLOP model of the benchmarked architecture and adapter (None if it is not Llama-like)."""
+    from transformers import AutoConfig
+
+    from trainer.config import load_config
+    from trainer.models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec["model"]))
+        adapter = load_config(RECIPE).adapter
+        return FlopModel(config, adapter.r, list(adapter.target_modules))
+    except (OSError, ValueError, AttributeError, KeyError) as e:
+        print(f"no FLOP model: {e}", flush=True)
+        return None
+
 
 SIDES = {  # name -> (child kind, packing)
     "ours-padded": ("ours", False),
@@ -249,7 +367,7 @@ VARIANTS = {  # name -> (ours side, HF side)
 }
 
 
-def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
+def run_child(side: str, spec: dict, workdir: Path, index: int, flop_model: FlopModel | None = None) -> dict:
     kind, packing = SIDES[side]
     child_spec = {**spec, "packing": packing, "tag": f"{side}-{index}", "workdir": str(workdir)}
     result_path = workdir / f"{side}-{index}.json"
@@ -279,16 +397,16 @@ def run_child(side: str, spec: dict, workdir: Path, index: int) -> dict:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"{side} run {index} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     raw = json.loads(result_path.read_text())
-    return summarise_run(side, raw, usage.ru_maxrss / 1024, wall, spec["warmup"])
+    return summarise_run(side, raw, usage.ru_maxrss / 1024, wall, spec["warmup"], side_flops(raw, flop_model))
 
 
-def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup: int) -> dict:
+def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup: int, flops=None) -> dict:
     marks, batches = raw["marks"], raw["batches"]
     n = len(marks)
     assert len(batches) == n, f"{side}: {len(batches)} batches for {n} steps"
     # step k (1-based) lasts from the end of step k-1 to the end of step k; steps 1..warmup are dropped
     steady = [k for k in range(max(2, warmup + 1), n + 1)]
-    rates, cpu_rates, step_s = [], [], []
+    rates, cpu_rates, step_s, flop_rates = [], [], [], []
     for k in steady:
         dt = marks[k - 1][0] - marks[k - 2][0]
         dcpu = marks[k - 1][1] - marks[k - 2][1]
@@ -296,6 +414,8 @@ def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup:
         rates.append(tokens / dt)
         cpu_rates.append(tokens / dcpu)
         step_s.append(dt)
+        if flops:
+            flop_rates.append(flops(batches[k - 1]) / dt)
     total_tokens = sum(batches[k - 1]["loss_tokens"] for k in steady)
     row = {
         "side": side, "steps": n, "steady_steps": len(steady),
@@ -314,8 +434,12 @@ def summarise_run(side: str, raw: dict, peak_rss_mb: float, wall: float, warmup:
         "loadavg_1min_after": os.getloadavg()[0],
         "wall_s": wall,
         "losses": raw["losses"],
+        "notes": raw.get("notes", []),
         "fingerprints": [b["fp"] for b in batches],
     }
+    if flops:
+        row["median_model_gflops"] = statistics.median(flop_rates) / 1e9
+        row["model_gflop_per_position"] = statistics.mean(flops(b) / b["positions"] for b in batches) / 1e9
     if all("input_tokens" in b for b in batches):
         row["input_tokens_per_step"] = statistics.mean(b["input_tokens"] for b in batches)
     if "loop_tokens_per_s" in raw:  # the loop's own metric (same definition), as a cross-check
@@ -333,10 +457,13 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
             "rss_at_train_start_mb", "loss_tokens_per_step", "positions_per_step"]
     if runs[0].get("gpu_peak_allocated_mb") is not None:
         keys += ["gpu_peak_allocated_mb", "gpu_peak_reserved_mb"]
+    if all("median_model_gflops" in r for r in runs):
+        keys += ["median_model_gflops", "model_gflop_per_position"]
     sides = {s: {k: med(s, k) for k in keys} for s in by_side}
     for s in sides:
         sides[s]["runs_loss_tokens_per_s"] = [round(r["median_loss_tokens_per_s"], 2) for r in by_side[s]]
         sides[s]["runs_peak_rss_mb"] = [round(r["peak_rss_mb"], 1) for r in by_side[s]]
+        sides[s]["notes"] = by_side[s][0]["notes"]
     out = {"sides": sides, "variants": {}}
     for v in variants:
         ours, hf = VARIANTS[v]
@@ -361,6 +488,9 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
                     for a, b in zip(o["per_step_loss_tokens_per_s"], h["per_step_loss_tokens_per_s"]))
             out["variants"][v]["step1_loss"] = {"ours": by_side[ours][0]["losses"][:1],
                                                 "hf": by_side[hf][0]["losses"][:1]}
+            # same batches, same seeds: every step's loss should agree (the computation is the same)
+            out["variants"][v]["max_abs_loss_diff"] = max(
+                abs(a - b) for o, h in zip(by_side[ours], by_side[hf]) for a, b in zip(o["losses"], h["losses"]))
     return out
 
 
@@ -371,6 +501,7 @@ def print_table(summary: dict, spec: dict) -> None:
           f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'unset'}, {spec['precision']} {spec['device']}, "
           f"model {spec['model']}")
     gpu = "gpu_peak_allocated_mb" in next(iter(summary["sides"].values()))
+    peak = summary.get("peak_gflops")
     hdr = (f"{'side':<12} {'loss tok/s':>10} {'tok/cpu-s':>10} {'step s':>7} {'loss tok/step':>13} "
            f"{'positions/step':>14} {'peak RSS MB':>11}" + (f" {'peak GPU MB':>11}" if gpu else "") + "  runs (tok/s)")
     print(hdr)
@@ -380,6 +511,13 @@ def print_table(summary: dict, spec: dict) -> None:
               f"{s['median_step_s']:>7.3f} {s['loss_tokens_per_step']:>13.1f} {s['positions_per_step']:>14.1f} "
               f"{s['peak_rss_mb']:>11.0f}" + (f" {s['gpu_peak_allocated_mb']:>11.0f}" if gpu else "")
               + f"  {s['runs_loss_tokens_per_s']}")
+    if peak and all("median_model_gflops" in s for s in summary["sides"].values()):
+        best = peak["square"]["best_gflops"]
+        print(f"\nroofline: fp32 matmul {best:.1f} GFLOP/s best ({peak['square']['median_gflops']:.1f} median) on "
+              f"2048^3, {peak['model']['best_gflops']:.1f} on the model's 2048x576x1536 MLP matmul; {spec['threads']} threads")
+        for side, s in summary["sides"].items():
+            print(f"  {side:<12} {s['median_model_gflops']:6.1f} model GFLOP/s = {100 * s['median_model_gflops'] / best:4.1f}% "
+                  f"of peak ({s['model_gflop_per_position']:.3f} GFLOP per position, fwd+bwd)  {'; '.join(s['notes'])}")
     print()
     hdr = (f"{'variant':<9} {'ours/HF tok/s':>13} {'paired runs':>22} {'paired steps':>12} {'ours/HF tok/cpu-s':>17} "
            f"{'ours/HF RSS':>11}" + (f" {'ours/HF GPU':>11}" if gpu else "") + "  batches")
@@ -390,7 +528,28 @@ def print_table(summary: dict, spec: dict) -> None:
         ident = {True: "identical", False: "DIFFER"}.get(r.get("identical_batches"), "-")
         steps = f"{r['speed_ratio_paired_steps']:.3f}" if "speed_ratio_paired_steps" in r else "-"
         print(f"{v:<9} {r['speed_ratio']:>13.3f} {paired:>22} {steps:>12} {r['cpu_speed_ratio']:>17.3f} "
-              f"{r['rss_ratio']:>11.3f}" + (f" {r['gpu_mem_ratio']:>11.3f}" if gpu else "") + f"  {ident}")
+              f"{r['rss_ratio']:>11.3f}" + (f" {r['gpu_mem_ratio']:>11.3f}" if gpu else "") + f"  {ident}"
+              + (f", max |loss ours - HF| {r['max_abs_loss_diff']:.2e}" if "max_abs_loss_diff" in r else ""))
+
+
+def merge(paths: list[str], out: Path) -> None:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("steps", "batch_size", "max_length", "warmup", "threads", "model", "device", "precision", "variants",
+            "ours_overrides")
+    for part, path in zip(parts[1:], paths[1:]):
+        differ = [k for k in same if part["config"].get(k) != parts[0]["config"].get(k)]
+        if differ:
+            raise SystemExit(f"{path}: another configuration ({', '.join(differ)}) than {paths[0]}")
+    runs = [r for part in parts for r in part["runs"]]
+    spec = {**parts[0]["config"], "repeats": sum(part["config"]["repeats"] for part in parts)}
+    summary = summarise(runs, spec["variants"])
+    summary["peak_gflops"] = parts[0]["summary"].get("peak_gflops")
+    result = {"config": spec, "merged_from": paths, "machines": [part["machine"] for part in parts],
+              "summary": summary, "runs": runs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print_table(summary, spec)
+    print(f"\nwrote {out} ({len(runs)} runs from {len(paths)} files)")
 
 
 def main() -> None:
@@ -415,15 +574,26 @@ def main() -> None:
                    help="model.name_or_path for both sides (a folder with the same architecture works too)")
     p.add_argument("--variants", default="padded,packed", help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "bench_trainer.json"))
-    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--ours-overrides", default="",
+                   help="space-separated config overrides for our side only, e.g. 'train.logits=full' (the "
+                        "full-logits path) or 'train.compile=true'")
+    p.add_argument("--start-repeat", type=int, default=0,
+                   help="index of the first repeat: a benchmark split into invocations continues the ABBA order")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="summarise the runs of earlier --out files of the same configuration together (a long "
+                        "benchmark split into several invocations) and write the result to --out")
+    p.add_argument("--child", choices=["ours", "hf", "peak"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.child:
-        (child_ours if a.child == "ours" else child_hf)(json.loads(a.spec), Path(a.result))
+        {"ours": child_ours, "hf": child_hf, "peak": child_peak}[a.child](json.loads(a.spec), Path(a.result))
         return
 
+    if a.merge:
+        merge(a.merge, Path(a.out))
+        return
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
@@ -433,7 +603,7 @@ def main() -> None:
     spec = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "repeats": a.repeats,
             "warmup": a.warmup, "threads": a.threads, "omp_wait_policy": a.omp_wait_policy,
             "max_examples": a.max_examples, "seed": a.seed, "device": a.device, "precision": a.precision,
-            "model": a.model}
+            "model": a.model, "ours_overrides": a.ours_overrides.split()}
     # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
     # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed). Every
     # other repeat runs them in reverse (ABBA), so a drift or a first-run effect favours neither side.
@@ -445,12 +615,18 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_trainer."))
     runs = []
     began = time.perf_counter()
+    uptime = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"load average at start: {' '.join(uptime)}", flush=True)
     try:
-        for rep in range(a.repeats):
+        peak = run_peak(spec, workdir) if a.device == "cpu" else None
+        if peak:
+            print(f"fp32 matmul: {peak['square']['best_gflops']:.1f} GFLOP/s best on 2048^3", flush=True)
+        flop_model = make_flop_model(spec)
+        for rep in range(a.start_repeat, a.start_repeat + a.repeats):
             for side in (order if rep % 2 == 0 else order[::-1]):
-                r = run_child(side, spec, workdir, rep)
+                r = run_child(side, spec, workdir, rep, flop_model)
                 runs.append(r)
-                print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.repeats} {side:<12} "
+                print(f"[{time.perf_counter() - began:6.0f}s] repeat {rep + 1}/{a.start_repeat + a.repeats} {side:<12} "
                       f"median {r['median_loss_tokens_per_s']:7.2f} loss tok/s  step {r['median_step_s']:.3f}s  "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB"
                       + (f"  peak GPU {r['gpu_peak_allocated_mb']:.0f} MB" if r["gpu_peak_allocated_mb"] else "")
@@ -458,6 +634,7 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarise(runs, variants)
+    summary["peak_gflops"] = peak
     import platform
 
     import peft
@@ -470,10 +647,10 @@ def main() -> None:
                    "AdamW lr 1e-3 betas (0.9,0.999) eps 1e-8 wd 0, constant LR, clip 1.0"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                    "loadavg_at_end": os.getloadavg(),
+                    "loadavg_at_start": [float(x) for x in uptime], "loadavg_at_end": os.getloadavg(),
                     "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None},
         "summary": summary,
-        "runs": [{k: v for k, v in r.items() if k != "fingerprints"} for r in runs],
+        "runs": runs,
         "total_wall_s": time.perf_counter() - began,
     }
     out = Path(a.out)
