@@ -63,8 +63,7 @@ OPTIONS = {
     "dora": ["adapter.r=4", "adapter.alpha=8", "adapter.dropout=0.0"],
     "adalora": ["adapter.init_r=4", "adapter.target_r=2", "adapter.alpha=8", "adapter.dropout=0.0",
                 "adapter.tinit=2", "adapter.tfinal=3", "adapter.orth_reg_weight=0.1"],
-    # alpha 32: the update is B (L+U) A with the core starting at zero, so it starts slowly
-    "triadaptlora": ["adapter.r=4", "adapter.init_rank=2", "adapter.alpha=32", "adapter.dropout=0.0",
+    "triadaptlora": ["adapter.r=4", "adapter.init_rank=2", "adapter.alpha=8", "adapter.dropout=0.0",
                      "adapter.incre_interval=2", "adapter.orth_reg_weight=0.1"],
     "balora": ["adapter.r=4", "adapter.alpha=4"],
 }

@@ -93,30 +93,69 @@ def test_delta_weight_and_forward_match_hand_computation():
     assert np.allclose(got, x.double().numpy() @ expected.T, atol=1e-6)
 
 
-def test_growth_keeps_the_product_and_rescales_by_alpha_over_r():
+def hand_product(layer, adapter: str = "default") -> np.ndarray:
+    """B (L + U) A without the scale."""
+    a = np.concatenate([p.detach().double().numpy() for p in layer.triadaptlora_A[adapter]], axis=0)
+    b = np.concatenate([p.detach().double().numpy() for p in layer.triadaptlora_B[adapter]], axis=1)
+    return b @ hand_core(layer, adapter) @ a
+
+
+@pytest.mark.parametrize("init_core", ["identity", "zero"])
+def test_growth_keeps_the_product_and_current_rank_scaling_shrinks_it(init_core):
     torch.manual_seed(0)
-    layer = tri.TriAdaptLoraLinear(nn.Linear(8, 7), "default", blocks=[1, 2], alpha=6.0, dropout=0.0)
+    layer = tri.TriAdaptLoraLinear(nn.Linear(8, 7), "default", blocks=[1, 2], alpha=6.0, dropout=0.0,
+                                   init_core=init_core)
     randomise(layer)
-    before = layer.get_delta_weight("default").detach()
+    product, before = hand_product(layer), layer.get_delta_weight("default").detach()
     new = layer.grow("default", 3)
     assert [tuple(p.shape) for p in new] == [(3, 8), (7, 3), (3, 6), (6, 3)]
-    assert torch.count_nonzero(new[2]) == 0 and torch.count_nonzero(new[3]) == 0
+    a_new, b_new, l_new, u_new = (p.detach().numpy() for p in new)
+    assert np.count_nonzero(u_new) == 0 and np.count_nonzero(a_new) == a_new.size
+    if init_core == "identity":  # B = 0 and the block's diagonal part of L is the identity
+        assert np.count_nonzero(b_new) == 0
+        assert np.array_equal(l_new, np.hstack([np.zeros((3, 3)), np.eye(3)]))
+    else:  # A, B ~ N(0, 0.02), core zero
+        assert np.count_nonzero(l_new) == 0 and np.count_nonzero(b_new) == b_new.size
     assert layer.rank("default") == 6
-    # B (L+U) A is unchanged (new core blocks are zero); only alpha / r moves from 6/3 to 6/6
+    # B (L+U) A is unchanged; alpha / r (current rank: no scale_rank) moves from 6/3 to 6/6
+    assert np.allclose(hand_product(layer), product, atol=1e-7)
     assert torch.allclose(layer.get_delta_weight("default").detach(), before * 3 / 6, atol=1e-7)
+
+
+def test_reference_rank_scaling_keeps_the_update_through_growth():
+    layer = tri.TriAdaptLoraLinear(nn.Linear(8, 7), "default", blocks=[1], alpha=6.0, dropout=0.0, scale_rank=4)
+    randomise(layer)
+    before = layer.get_delta_weight("default").detach()
+    assert np.allclose(before.double().numpy(), 6.0 / 4 * hand_product(layer), atol=1e-6)
+    layer.grow("default", 3)
+    assert layer.scaling("default") == 6.0 / 4
+    assert torch.allclose(layer.get_delta_weight("default").detach(), before, atol=1e-7)
+
+
+def test_defaults_start_as_lora_at_the_reference_scale():
+    """The trainer's defaults: identity cores, B = 0 (dW = 0), scale alpha / r with r the reference rank."""
+    peft_model, _ = build(r=4, alpha=8.0)
+    for layer in layers(peft_model).values():
+        assert layer.scaling("default") == 8.0 / 4
+        assert np.array_equal(hand_core(layer), np.eye(1))
+        assert torch.count_nonzero(layer.triadaptlora_B["default"][0]) == 0
+        assert torch.count_nonzero(layer.get_delta_weight("default")) == 0
 
 
 # ----- importance score and schedule ----------------------------------------------------------------
 def test_importance_score_by_hand():
     peft_model, hooks = build(r=4)
+    normalised = lambda: {k: np.linalg.norm(hand_core(layer), "fro") / len(layer.triadaptlora_A["default"])  # noqa: E731
+                          for k, layer in layers(peft_model).items()}
+    initial = normalised()  # identity cores of rank 1: 1.0 each
     randomise(peft_model, seed=3)
-    by_hand = {k: np.linalg.norm(hand_core(layer), "fro") / len(layer.triadaptlora_A["default"])
-               for k, layer in layers(peft_model).items()}
-    # the remembered value starts at the initial cores, which are zero
+    by_hand = normalised()
+    # the remembered value starts at the initial cores
     scores = hooks.importance_scores()
     assert scores.keys() == by_hand.keys()
     for k in by_hand:
-        assert scores[k] == pytest.approx(by_hand[k], rel=1e-5)
+        assert initial[k] == pytest.approx(1.0)
+        assert scores[k] == pytest.approx(by_hand[k] - initial[k], rel=1e-5)
     # a second scoring reports the change since the first, normalised by the block count
     key, layer = next(iter(layers(peft_model).items()))
     layer.grow("default", 2)
@@ -124,6 +163,17 @@ def test_importance_score_by_hand():
         layer.triadaptlora_L["default"][1].fill_(0.5)
     now = np.linalg.norm(hand_core(layer), "fro") / 2
     assert hooks.importance_scores()[key] == pytest.approx(now - by_hand[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("init_core", ["identity", "zero"])
+def test_a_growth_step_is_not_counted_as_importance(init_core):
+    """After the hooks grow matrices, the next score measures training only: with nothing trained
+    in between it is zero for every matrix, grown or not."""
+    peft_model, hooks = build(total_steps=10, r=4, init_core=init_core)
+    _set_scores(peft_model, dict(zip(layers(peft_model), [0.3, 0.9, 0.1, 0.6])))
+    assert hooks.after_optimizer_step(5, peft_model)  # grows
+    assert any(len(layer.block_sizes("default")) > 1 for layer in layers(peft_model).values())
+    assert all(v == pytest.approx(0.0, abs=1e-7) for v in hooks.importance_scores().values())
 
 
 @pytest.mark.parametrize("remaining,progress,n_matrices", [
@@ -286,9 +336,9 @@ def test_training_loop_lowers_the_loss_and_grows_the_rank():
     grown = hooks.grown_param_ids()
     assert grown and grown <= in_optimizer
     assert len(optimizer.param_groups) == 1 + len(hooks.grown_param_groups())
-    # grown cores were trained (they start at zero)
-    assert any(torch.count_nonzero(layer.triadaptlora_L["default"][-1]) > 0
-               for layer in layers(peft_model).values() if len(layer.triadaptlora_L["default"]) > 1)
+    # grown blocks were trained (their B columns start at zero)
+    assert any(torch.count_nonzero(layer.triadaptlora_B["default"][-1]) > 0
+               for layer in layers(peft_model).values() if len(layer.triadaptlora_B["default"]) > 1)
 
 
 def test_resume_regrows_before_weights_load_and_continues_identically():

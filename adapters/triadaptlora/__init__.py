@@ -33,6 +33,7 @@ def peft_config_from_options(opts: TriAdaptLoraOptions, ctx: BuildContext) -> Tr
         target_modules=opts.target_modules, target_total_rank=opts.target_total_rank,
         incre_rank_num=opts.incre_rank_num, init_warmup=opts.init_warmup, incre_interval=opts.incre_interval,
         growth_mode=opts.growth_mode, orth_reg_weight=opts.orth_reg_weight, total_step=ctx.total_steps,
+        init_core=opts.init_core, scaling=opts.scaling,
         task_type=peft_task_type(ctx.task),
     )
 

@@ -47,8 +47,12 @@ class TriAdaptLoraConfig(PeftConfig):
     init_warmup: int = field(default=0, metadata={"help": "no growth at steps <= init_warmup"})
     incre_interval: int = field(default=1, metadata={"help": "grow only at steps divisible by this"})
     growth_mode: str = field(default="linear", metadata={"help": "'linear' or 'nonlinear' threshold schedule"})
-    orth_reg_weight: float = field(default=0.5, metadata={"help": "weight of the orthogonality penalty"})
+    orth_reg_weight: float = field(default=0.1, metadata={"help": "weight of the orthogonality penalty"})
     total_step: Optional[int] = field(default=None, metadata={"help": "total optimizer steps of the run"})
+    init_core: str = field(default="identity", metadata={
+        "help": "new blocks: 'identity' (B = 0, core diagonal = I: starts as LoRA) or 'zero' (A, B normal, core 0)"})
+    scaling: str = field(default="reference_rank", metadata={
+        "help": "dW = alpha / r * B (L+U) A with r = 'reference_rank' (fixed) or 'current_rank' (shrinks at growth)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +67,10 @@ class TriAdaptLoraConfig(PeftConfig):
                              "regex (a str); list module names instead")
         if self.init_rank < 1 or self.r < 1:
             raise ValueError("TriAdaptLoRA needs r >= 1 and init_rank >= 1")
+        if self.init_core not in ("identity", "zero"):
+            raise ValueError(f"init_core must be 'identity' or 'zero', got {self.init_core!r}")
+        if self.scaling not in ("reference_rank", "current_rank"):
+            raise ValueError(f"scaling must be 'reference_rank' or 'current_rank', got {self.scaling!r}")
         if self.growth_mode not in ("linear", "nonlinear"):
             raise ValueError(f"growth_mode must be 'linear' or 'nonlinear', got {self.growth_mode!r}")
         # JSON turns the block lists into lists anyway; normalise so reloaded and live configs compare equal
@@ -78,7 +86,7 @@ class TriAdaptLoraOptions(AdapterOptions):
     target_total_rank: Optional[int] = Field(
         None, ge=1, description="total rank budget over all matrices; null = r x number of adapted matrices"
     )
-    alpha: float = Field(16.0, gt=0, description="scale numerator: dW = alpha / r_current * B (L+U) A")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: dW = alpha / r * B (L+U) A")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
     target_modules: Optional[list[str]] = Field(
         None, description="module name suffixes; null = q_proj,v_proj for Llama, query,value for BERT (peft's LoRA table)"
@@ -89,4 +97,11 @@ class TriAdaptLoraOptions(AdapterOptions):
     incre_rank_num: Optional[int] = Field(None, ge=1, description="rank added to a matrix per growth; null = max(1, r//2)")
     init_warmup: int = Field(0, ge=0, description="no growth at steps <= init_warmup")
     incre_interval: int = Field(1, ge=1, description="grow only at optimizer steps divisible by this")
-    orth_reg_weight: float = Field(0.5, ge=0, description="weight of the AdaLoRA orthogonality penalty (reg/orth)")
+    orth_reg_weight: float = Field(0.1, ge=0, description="weight of the AdaLoRA orthogonality penalty (reg/orth); "
+                                   "0.1 as IncreLoRA's and AdaLoRA's own scripts")
+    init_core: Literal["identity", "zero"] = Field(
+        "identity", description="new blocks start with B = 0 and an identity core (LoRA's start), or with "
+                                "A, B ~ N(0, 0.02) and a zero core (AdaLoRA's; far slower under Adam)")
+    scaling: Literal["reference_rank", "current_rank"] = Field(
+        "reference_rank", description="the r of alpha / r: the fixed reference rank `r`, or the current rank "
+                                      "(every growth then shrinks the learned update by r_old / r_new)")

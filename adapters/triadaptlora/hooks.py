@@ -2,7 +2,8 @@
 
 Growth (at optimizer step t, counted from 1):
   1. only if R_cur < R_tgt, t > init_warmup and t % incre_interval == 0;
-  2. score every matrix: s = ||L+U||_F / n_blocks - (the same quantity at the previous scoring);
+  2. score every matrix: s = ||L+U||_F / n_blocks - (the same quantity at the previous scoring,
+     taken after that scoring's growth);
   3. progress p = (t - init_warmup) / (T - init_warmup) in [0, 1];
      n = floor((R_tgt - R_cur) * p) (linear) or floor((R_tgt - R_cur) ** p) (nonlinear),
      clipped to [1, #matrices];
@@ -110,6 +111,11 @@ class TriAdaptLoraHooks(MethodHooks):
         if grown:
             self.events.append({"step": step, "blocks": grown})
             self.tuner.sync_rank_pattern(self.adapter)
+            # the next score must measure training, not the growth itself: a new block changes the
+            # normalised norm (one more block to divide by; an identity core adds I_k), which would
+            # favour (identity) or penalise (zero core) the matrices that just grew
+            self.prev_normalised.update({k: v for k, v in self._normalised_norms().items()
+                                         if k in {key for key, _, _ in grown}})
         return new_params
 
     def _growth_seed(self, step: int, key: str) -> int:

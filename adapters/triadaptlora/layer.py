@@ -9,9 +9,16 @@ Stacking the padded blocks makes L block-lower- and U block-upper-triangular; th
 blocks get entries from both. Every block is its own nn.Parameter, so growing never replaces a
 parameter the optimizer already holds: the new blocks are returned and added as a new group.
 
-Initialisation (AdaLoRA-like): A and B blocks ~ N(0, 0.02), L and U blocks = 0. The update is
-zero at the start, the first gradients reach the core (dL/dC = scale * B^T G A^T is non-zero),
-and a growth step leaves B (L+U) A unchanged (only the alpha/r scale moves with r).
+Initialisation (`init_core`), both with dW = 0 at the start and unchanged by a growth step:
+  * "identity" (default; the first author's latest code, with its off-diagonal bug fixed):
+    A ~ N(0, 0.02), B = 0, and each new block's diagonal part of L is the identity (U = 0),
+    so C = I and the start is LoRA's: B takes the first gradient, whole columns at a time.
+  * "zero" (the first author's first version, AdaLoRA-like): A, B ~ N(0, 0.02), L = U = 0.
+    dW is a product of three small factors and the core, r x r entries, carries all of its
+    size, so it starts far slower than LoRA under Adam (docs/results/adapters.md measures it).
+Scale (`scale_rank`): alpha / r with r fixed at the reference rank (default; the author's code
+hard-codes this x2), or alpha / (current rank) when None, which divides the whole learned
+update by (r + k) / r at every growth step.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ INIT_STD = 0.02
 
 class TriAdaptLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("triadaptlora_A", "triadaptlora_B", "triadaptlora_L", "triadaptlora_U")
-    other_param_names = ("triadaptlora_alpha", "triadaptlora_dropout")
+    other_param_names = ("triadaptlora_alpha", "triadaptlora_dropout", "triadaptlora_init", "triadaptlora_scale_rank")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -38,6 +45,8 @@ class TriAdaptLoraLayer(BaseTunerLayer):
         self.triadaptlora_L = nn.ModuleDict()  # adapter -> ParameterList of row blocks of L
         self.triadaptlora_U = nn.ModuleDict()  # adapter -> ParameterList of column blocks of U
         self.triadaptlora_alpha: dict[str, float] = {}
+        self.triadaptlora_init: dict[str, str] = {}  # adapter -> "identity" | "zero" (core of new blocks)
+        self.triadaptlora_scale_rank: dict[str, Optional[int]] = {}  # adapter -> r of alpha / r; None = current
         self.triadaptlora_dropout = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
@@ -49,11 +58,16 @@ class TriAdaptLoraLayer(BaseTunerLayer):
 
     # ----- structure -------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, blocks: list[int], alpha: float, dropout: float,
-                     inference_mode: bool = False, generator: Optional[torch.Generator] = None) -> None:
+                     inference_mode: bool = False, generator: Optional[torch.Generator] = None,
+                     init_core: str = "identity", scale_rank: Optional[int] = None) -> None:
         """Create the adapter with the given growth-block sizes (e.g. [1] fresh, [1, 4, 4] reloaded)."""
         if not blocks or min(blocks) < 1:
             raise ValueError(f"block sizes must be positive, got {blocks}")
+        if init_core not in ("identity", "zero"):
+            raise ValueError(f"init_core must be 'identity' or 'zero', got {init_core!r}")
         self.triadaptlora_alpha[adapter_name] = float(alpha)
+        self.triadaptlora_init[adapter_name] = init_core
+        self.triadaptlora_scale_rank[adapter_name] = scale_rank
         self.triadaptlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for container in (self.triadaptlora_A, self.triadaptlora_B, self.triadaptlora_L, self.triadaptlora_U):
             container[adapter_name] = nn.ParameterList()
@@ -69,7 +83,7 @@ class TriAdaptLoraLayer(BaseTunerLayer):
         return sum(self.block_sizes(adapter))
 
     def scaling(self, adapter: str) -> float:
-        return self.triadaptlora_alpha[adapter] / self.rank(adapter)
+        return self.triadaptlora_alpha[adapter] / (self.triadaptlora_scale_rank[adapter] or self.rank(adapter))
 
     def grow(self, adapter: str, k: int, generator: Optional[torch.Generator] = None) -> list[nn.Parameter]:
         """Append one growth block of k ranks; returns the four new parameters."""
@@ -85,10 +99,17 @@ class TriAdaptLoraLayer(BaseTunerLayer):
             # drawn on the CPU from an explicit generator, so growth is reproducible on any device
             return (torch.randn(*shape, generator=generator) * INIT_STD).to(device=device, dtype=dtype)
 
+        a = normal(k, self.in_features)
+        lower = torch.zeros(k, r_new, device=device, dtype=dtype)
+        if self.triadaptlora_init[adapter] == "identity":
+            b = torch.zeros(self.out_features, k, device=device, dtype=dtype)
+            lower[:, r_new - k:] = torch.eye(k, device=device, dtype=dtype)  # the block's diagonal part
+        else:
+            b = normal(self.out_features, k)
         new = [
-            nn.Parameter(normal(k, self.in_features), requires_grad=trainable),
-            nn.Parameter(normal(self.out_features, k), requires_grad=trainable),
-            nn.Parameter(torch.zeros(k, r_new, device=device, dtype=dtype), requires_grad=trainable),
+            nn.Parameter(a, requires_grad=trainable),
+            nn.Parameter(b, requires_grad=trainable),
+            nn.Parameter(lower, requires_grad=trainable),
             nn.Parameter(torch.zeros(r_new, k, device=device, dtype=dtype), requires_grad=trainable),
         ]
         for container, p in zip(
@@ -152,11 +173,12 @@ class TriAdaptLoraLayer(BaseTunerLayer):
 class TriAdaptLoraLinear(nn.Module, TriAdaptLoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, blocks: list[int], alpha: float,
                  dropout: float, inference_mode: bool = False, generator: Optional[torch.Generator] = None,
-                 **kwargs) -> None:
+                 init_core: str = "identity", scale_rank: Optional[int] = None, **kwargs) -> None:
         super().__init__()
         TriAdaptLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, blocks, alpha, dropout, inference_mode=inference_mode, generator=generator)
+        self.update_layer(adapter_name, blocks, alpha, dropout, inference_mode=inference_mode, generator=generator,
+                          init_core=init_core, scale_rank=scale_rank)
 
     # forward lives on the nn.Module subclass: nn.Module's placeholder forward would shadow a mixin's
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

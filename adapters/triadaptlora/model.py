@@ -31,15 +31,16 @@ class TriAdaptLoraModel(BaseTuner):
     def _create_and_replace(self, config: TriAdaptLoraConfig, adapter_name, target, target_name, parent,
                             current_key, **optional_kwargs) -> None:
         blocks = config.rank_pattern.get(current_key, [config.init_rank])
+        shape = {"init_core": config.init_core, "scale_rank": config.r if config.scaling == "reference_rank" else None}
         if isinstance(target, TriAdaptLoraLayer):
             target.update_layer(adapter_name, blocks, config.lora_alpha, config.lora_dropout,
-                                inference_mode=config.inference_mode)
+                                inference_mode=config.inference_mode, **shape)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TypeError(f"TriAdaptLoRA adapts nn.Linear only; {current_key} is {type(base).__name__}")
         new_module = TriAdaptLoraLinear(target, adapter_name, blocks, config.lora_alpha, config.lora_dropout,
-                                        inference_mode=config.inference_mode)
+                                        inference_mode=config.inference_mode, **shape)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
