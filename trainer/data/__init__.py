@@ -69,6 +69,8 @@ def build_examples(indexed_rows: list[tuple[int, dict]], fmt: str, tokenizer, ta
         if limit is not None and len(examples) >= limit:
             break
         example = render(row, fmt, tokenizer, max_length, where=f"{source}: row {index + 1}", labels=labels)
+        if "source" in row:  # where the row came from (a topic, a site): federated partitions split by it
+            example["source"] = row["source"]
         if task == "causal_lm" and not _has_loss_tokens(example["labels"]):
             dropped += 1  # e.g. the prompt alone fills max_length
             continue

@@ -68,8 +68,9 @@ def chitchat() -> list[dict]:
 
 
 @functools.cache
-def qa_pairs() -> tuple[tuple[str, str], ...]:
-    """Unique (question, answer) pairs from the English chatterbot corpus, in file order."""
+def _qa_topics() -> dict[tuple[str, str], str]:
+    """Unique (question, answer) pairs from the English chatterbot corpus, in file order, each
+    with the topic (file name) where it first appears."""
     folder = _data_dir("chatterbot_corpus") / "data" / "english"
     pairs = {}  # a dict keeps first-seen order while dropping duplicates
     for file in sorted(folder.glob("*.yml")):
@@ -77,13 +78,19 @@ def qa_pairs() -> tuple[tuple[str, str], ...]:
         for conversation in data.get("conversations") or []:
             for question, answer in zip(conversation, conversation[1:]):
                 if isinstance(question, str) and isinstance(answer, str):
-                    pairs[(question.strip(), answer.strip())] = None
-    return tuple(pairs)
+                    pairs.setdefault((question.strip(), answer.strip()), file.stem)
+    return pairs
+
+
+def qa_pairs() -> tuple[tuple[str, str], ...]:
+    """Unique (question, answer) pairs from the English chatterbot corpus, in file order."""
+    return tuple(_qa_topics())
 
 
 def chatterbot_qa() -> list[dict]:
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in qa_pairs()]
+    """Chat rows with their topic as `source` (21 topic files: a natural non-IID split)."""
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "source": topic}
+            for (q, a), topic in _qa_topics().items()]
 
 
 def chatterbot_qa_pairs() -> list[dict]:
