@@ -13,7 +13,8 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning. "
-                                "Subcommands: `train.py export|eval|predict --help`.")
+                                "Subcommands: `train.py export|eval|predict --help`; "
+                                "`train.py federated --config X` (Flower simulation).")
     p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml (none: the demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["predict"]:
             from trainer.inference.prediction import main as predict
             return predict(argv[1:])
-        args = _train_parser().parse_intermixed_args(argv)
+        federated = argv[:1] == ["federated"]  # train.py federated: Flower simulation (trainer/federated)
+        args = _train_parser().parse_intermixed_args(argv[1:] if federated else argv)
         from trainer import demo
-        if args.config is None and not args.overrides:  # the demo, said before seconds of imports
+        if args.config is None and not args.overrides and not federated:  # the demo, said before seconds of imports
             _say(demo.announcement(), args.print_config)
             args.config = str(demo.recipe())
         from trainer.config import load_config
@@ -66,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        from trainer.loop import train
+        if federated:
+            from trainer.federated.simulation import run as train
+        else:
+            from trainer.loop import train
         run_dir = train(cfg)
         print(f"run saved in {run_dir}")
         return 0
