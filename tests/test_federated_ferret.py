@@ -162,3 +162,50 @@ def test_bases_regenerate_bit_identically_in_another_process():
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(seed), str(index), str(count), str(size)],
                          capture_output=True, text=True, check=True, env={"PYTHONPATH": ".", "PATH": ""})
     assert out.stdout.strip() == here
+
+
+def _paper_rho(d: int) -> float:
+    """rho_l of the paper's Theorem 1: the variance of N(0, 1) truncated to [-1/sqrt(d), 1/sqrt(d)],
+    as scipy (small d) or 40-digit arithmetic on the closed form (large d) computes it."""
+    if d <= 10**5:
+        return float(truncnorm(-1 / math.sqrt(d), 1 / math.sqrt(d)).var())
+    with mpmath.workdps(40):
+        a = 1 / mpmath.sqrt(d)
+        return float(1 - 2 * a * mpmath.npdf(a) / mpmath.erf(a / mpmath.sqrt(2)))
+
+
+def test_projection_and_reconstruction_are_the_papers_formula_computed_directly():
+    """gamma_l = (rho_l K_l)^-1 V_l Delta_l and Delta_hat_l = V_l^T gamma_l, block by block in
+    float64 with rho_l from scipy, K_l split by hand (floor 1, the rest by ||Delta_l||)."""
+    torch.manual_seed(3)
+    numels = [300, 40, 20, 500]  # blocks of at most 250: [150, 150], [40 + 20], [250, 250]
+    blocks = ferret.make_blocks(numels, 250)
+    assert [(b.start, b.size) for b in blocks] == [(0, 150), (150, 150), (300, 60), (360, 250), (610, 250)]
+    delta = torch.randn(860) * torch.repeat_interleave(torch.tensor([1.0, 1.0, 0.0, 3.0, 3.0]),
+                                                       torch.tensor([b.size for b in blocks]))
+    counts, coeffs = ferret.project(delta, blocks, seed=5, num_bases=29, floor=1)
+    norms = [float(delta[b.start:b.stop].norm()) for b in blocks]
+    shares = [24 * n / sum(norms) for n in norms]  # 29 - 5 floors, proportional to the norms
+    assert counts[2] == 1 and sum(counts) == 29 and all(abs(k - 1 - s) < 1 for k, s in zip(counts, shares))
+    at, hat = 0, torch.zeros(860, dtype=torch.float64)
+    for index, (block, k) in enumerate(zip(blocks, counts)):
+        v = ferret.bases(5, index, k, block.size).double()
+        part = delta[block.start:block.stop].double()
+        gamma = v @ part / (_paper_rho(block.size) * k)
+        assert torch.allclose(coeffs[at:at + k].double(), gamma, rtol=1e-5, atol=1e-7)
+        hat[block.start:block.stop] = v.T @ gamma
+        at += k
+    got = ferret.reconstruct(blocks, 5, counts, coeffs, 860)
+    assert torch.allclose(got.double(), hat, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("d,count", [(1, 40_000), (400, 100)])
+def test_bases_entries_follow_the_truncated_normal(d, count):
+    from scipy.stats import kstest
+
+    v = ferret.bases(seed=9, index=2, count=count, size=d).double().reshape(-1).numpy()
+    a = 1 / math.sqrt(d)
+    # 40k draws against scipy's CDF of N(0, 1) truncated to [-1/sqrt(d), 1/sqrt(d)]
+    assert kstest(v, truncnorm(-a, a).cdf).pvalue > 1e-3
+    if d == 1:  # where the truncated normal is far from flat, the test tells it from a uniform
+        assert kstest(v, "uniform", args=(-a, 2 * a)).pvalue < 1e-6

@@ -65,6 +65,16 @@ def weighted_mean(replies: dict[int, Message]) -> torch.Tensor:
     return total / count
 
 
+def paper_reconstruction(blocks, seed, counts, coeffs, dim) -> torch.Tensor:
+    """sum over blocks of V_l^T gamma_l (the paper's eq. 8), in float64, one block at a time."""
+    out, at = torch.zeros(dim, dtype=torch.float64), 0
+    for index, (block, k) in enumerate(zip(blocks, counts)):
+        v = ferret.bases(seed, index, k, block.size).double()
+        out[block.start:block.stop] = v.T @ coeffs[at:at + k].double()
+        at += k
+    return out
+
+
 @pytest.mark.parametrize("overrides", [
     ["federated.strategy=fedavg", "adapter.type=none", "adapter.trainable=['layers\\.1\\.']", "optim.name=sgd",
      "optim.lr=0.05"],
@@ -116,7 +126,7 @@ def test_ferret_aggregates_reconstructions_and_nodes_replay_them_exactly(tmp_pat
         for c, msg in replies.items():
             coded = wire.decode_coded(msg.content)
             assert coded.seed == strategy.client_seed(rnd, c) and sum(coded.counts) == fed.num_bases
-            step += sizes[c] / sum(sizes.values()) * ferret.reconstruct(blocks, coded.seed, coded.counts, coded.coeffs, dim).double()
+            step += sizes[c] / sum(sizes.values()) * paper_reconstruction(blocks, coded.seed, coded.counts, coded.coeffs, dim)
         assert torch.allclose(server.state.theta.double(), before.double() - fed.server_lr * step, atol=1e-6)
         # a client replayed the log to the global weights of the round before, bit for bit
         for c in replies:
@@ -153,3 +163,42 @@ def test_ferret_resends_the_whole_log_to_a_node_that_failed(tmp_path):
     play(server, strategy, contexts, 4)
     down = {c: v["bytes_down"] for c, v in strategy.report["clients"].items()}
     assert down[1] > down[0]  # node 1 is sent rounds 2 and 3, the others round 3 only
+
+
+# the issue's public interface, as written there
+PUBLIC = ["federated.num_clients=8", "federated.rounds=5", "federated.clients_per_round=4", "federated.local_steps=10",
+          "federated.alpha=0.5", "federated.num_bases=256", "federated.server_lr=1.0"]
+
+
+@pytest.mark.parametrize("strategy,partition", [("ferret", "dirichlet"), ("fedavg", "iid"), ("fedit", "by_source")])
+def test_the_public_overrides_do_what_they_say(tmp_path, monkeypatch, strategy, partition):
+    import trainer.federated.client as client_module
+
+    steps = []  # the trainer's own step, counted as it runs
+    real_step = client_module.train_step
+    monkeypatch.setattr(client_module, "train_step", lambda job, micro, step: steps.append(step) or real_step(job, micro, step))
+    nodes = {c: 100 + c for c in range(8)}
+    cfg = load_config(FED_TINY, [f"train.output_dir={tmp_path / 'run'}", *PUBLIC, f"federated.strategy={strategy}",
+                                 f"federated.partition={partition}"])
+    server = prepare(cfg)
+    parts = server.parts.partitions
+    assert len(parts) == 8 and all(len(p) >= cfg.train.batch_size for p in parts)
+    assert sum(map(len, parts)) == len(server.parts.job.train_set)
+    sources = [{e["source"] for e in p} for p in parts]
+    if partition == "by_source":  # every topic on one client only
+        assert sum(map(len, sources)) == len(set().union(*sources)) == 21
+    elif partition == "iid":  # a shuffle: every client sees many topics
+        assert min(map(len, sources)) >= 8
+    strategy_cls = FerretStrategy if strategy == "ferret" else FedAvgStrategy
+    s = strategy_cls(cfg, server.state, nodes)
+    contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": c, "num-partitions": 8},
+                              state=RecordDict(), run_config={}) for c, node in nodes.items()}
+    replies = play(server, s, contexts, 1)
+    assert len(replies) == 4 and s.report["aggregated"] == 4  # 4 of the 8 clients
+    # local_steps=10: ten steps per client, at the LR schedule's positions 0..9 of 5 x 10
+    assert steps == list(range(10)) * 4 and server.parts.job.cfg.train.max_steps == 50
+    for msg in replies.values():
+        if strategy == "ferret":
+            assert sum(wire.decode_coded(msg.content).counts) == 256
+        assert int(msg.content["metrics"]["num-examples"]) == len(parts[int(msg.content["metrics"]["client"])])
+    assert cfg.federated.rounds == 5 and cfg.federated.local_steps == 10 and cfg.federated.alpha == 0.5
