@@ -170,27 +170,22 @@ PUBLIC = ["federated.num_clients=8", "federated.rounds=5", "federated.clients_pe
           "federated.alpha=0.5", "federated.num_bases=256", "federated.server_lr=1.0"]
 
 
-@pytest.mark.parametrize("strategy,partition", [("ferret", "dirichlet"), ("fedavg", "iid"), ("fedit", "by_source")])
-def test_the_public_overrides_do_what_they_say(tmp_path, monkeypatch, strategy, partition):
+def test_the_public_overrides_do_what_they_say(tmp_path, monkeypatch):
     import trainer.federated.client as client_module
+    from trainer.federated.partition import partition
 
     steps = []  # the trainer's own step, counted as it runs
     real_step = client_module.train_step
     monkeypatch.setattr(client_module, "train_step", lambda job, micro, step: steps.append(step) or real_step(job, micro, step))
     nodes = {c: 100 + c for c in range(8)}
-    cfg = load_config(FED_TINY, [f"train.output_dir={tmp_path / 'run'}", *PUBLIC, f"federated.strategy={strategy}",
-                                 f"federated.partition={partition}"])
+    cfg = load_config(FED_TINY, [f"train.output_dir={tmp_path / 'run'}", *PUBLIC, "federated.strategy=ferret",
+                                 "federated.partition=dirichlet"])
+    assert (cfg.federated.rounds, cfg.federated.local_steps, cfg.federated.alpha, cfg.federated.server_lr) == (5, 10, 0.5, 1.0)
     server = prepare(cfg)
-    parts = server.parts.partitions
+    parts, train_set = server.parts.partitions, server.parts.job.train_set
     assert len(parts) == 8 and all(len(p) >= cfg.train.batch_size for p in parts)
-    assert sum(map(len, parts)) == len(server.parts.job.train_set)
-    sources = [{e["source"] for e in p} for p in parts]
-    if partition == "by_source":  # every topic on one client only
-        assert sum(map(len, sources)) == len(set().union(*sources)) == 21
-    elif partition == "iid":  # a shuffle: every client sees many topics
-        assert min(map(len, sources)) >= 8
-    strategy_cls = FerretStrategy if strategy == "ferret" else FedAvgStrategy
-    s = strategy_cls(cfg, server.state, nodes)
+    assert sum(map(len, parts)) == len(train_set)
+    s = FerretStrategy(cfg, server.state, nodes)
     contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": c, "num-partitions": 8},
                               state=RecordDict(), run_config={}) for c, node in nodes.items()}
     replies = play(server, s, contexts, 1)
@@ -198,7 +193,12 @@ def test_the_public_overrides_do_what_they_say(tmp_path, monkeypatch, strategy, 
     # local_steps=10: ten steps per client, at the LR schedule's positions 0..9 of 5 x 10
     assert steps == list(range(10)) * 4 and server.parts.job.cfg.train.max_steps == 50
     for msg in replies.values():
-        if strategy == "ferret":
-            assert sum(wire.decode_coded(msg.content).counts) == 256
+        assert sum(wire.decode_coded(msg.content).counts) == 256  # num_bases=256
         assert int(msg.content["metrics"]["num-examples"]) == len(parts[int(msg.content["metrics"]["client"])])
-    assert cfg.federated.rounds == 5 and cfg.federated.local_steps == 10 and cfg.federated.alpha == 0.5
+    # the other partitions over the same examples: by_source keeps each of the 21 topics on one
+    # client, iid is a shuffle that gives every client many topics, and Dirichlet lies between
+    def topics(method):
+        return [{train_set[i]["source"] for i in p} for p in partition(train_set, method, 8, cfg.train.seed, 0.5, 4)]
+    by_source, iid, dirichlet = topics("by_source"), topics("iid"), [{e["source"] for e in p} for p in parts]
+    assert sum(map(len, by_source)) == len(set().union(*by_source)) == 21
+    assert min(map(len, iid)) >= 15 and sum(map(len, by_source)) < sum(map(len, dirichlet)) < sum(map(len, iid))

@@ -8,6 +8,12 @@ writes docs/results/federated.md's tables (JSON) and the plots.
 
     flock /work/heavy.lock bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py --budget-min 18
     .venv/bin/python scripts/experiments/federated.py --report
+
+A smaller run (one seed, two methods, fewer rounds; what docs/results/federated.md shows today):
+
+    flock /work/heavy.lock bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py \
+        --seeds 1 --methods ferret fedavg --set federated.rounds=3 --runs runs/exp-federated-small
+    .venv/bin/python scripts/experiments/federated.py --seeds 1 --methods ferret fedavg --runs runs/exp-federated-small --report
 """
 from __future__ import annotations
 
@@ -44,8 +50,9 @@ def run_chunks(args) -> None:
     began = time.monotonic()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
-    for seed in SEEDS:
-        for method, overrides in METHODS.items():
+    for seed in args.seeds:
+        for method in args.methods:
+            overrides = METHODS[method] + args.set
             path = run_dir(Path(args.runs), method, seed)
             if finished(path):
                 continue
@@ -72,9 +79,11 @@ def report(args) -> None:
 
     runs, table = Path(args.runs), {}
     fig, (ax_loss, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, color in zip(METHODS, ("tab:red", "tab:blue", "tab:green")):
+    colors = {"ferret": "tab:red", "fedavg": "tab:blue", "fedit": "tab:green"}
+    for method in args.methods:
+        color = colors[method]
         curves, per_client = [], []
-        for seed in SEEDS:
+        for seed in args.seeds:
             path = run_dir(runs, method, seed)
             if not finished(path):
                 continue
@@ -107,7 +116,7 @@ def report(args) -> None:
     ax_loss.legend()
     ax_bytes.set(yscale="log", ylabel="bytes per client-round (up + down)", title="communication")
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "results" / "federated.png", dpi=120)
+    fig.savefig(args.plot, dpi=120)
     summary = {m: {**t, "final_eval_loss_mean": statistics.fmean(t["final_eval_loss"]),
                    "final_eval_loss_std": statistics.stdev(t["final_eval_loss"]) if len(t["final_eval_loss"]) > 1 else 0.0}
                for m, t in table.items()}
@@ -121,13 +130,18 @@ def report(args) -> None:
                            / statistics.fmean(a["bytes_up_per_client_round"])}
     text = json.dumps(summary, indent=1)
     print(text)
-    (ROOT / "docs" / "results" / "federated.json").write_text(text + "\n")
+    Path(args.json).write_text(text + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(ROOT / "runs" / "exp-federated"))
     p.add_argument("--budget-min", type=float, default=18.0, help="start no new run after this many minutes")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "results" / "federated.png"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "results" / "federated.json"))
+    p.add_argument("--set", nargs="*", default=[], help="more overrides for every run (e.g. federated.rounds=3)")
     p.add_argument("--report", action="store_true")
     args = p.parse_args()
     report(args) if args.report else run_chunks(args)
