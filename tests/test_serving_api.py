@@ -353,7 +353,8 @@ def test_bad_serving_config_is_one_line_and_exit_2(tmp_path, smollm2_tokenizer):
     cfg = _write_config(tmp_path, smollm2_tokenizer, {"x": str(tmp_path / "missing")})
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "serve", "--config", str(cfg)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: serving.adapters.x")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: serving.adapters.x")
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "serve", "--config", str(cfg), "serving.prot=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "did you mean serving.port" in proc.stderr

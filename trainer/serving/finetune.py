@@ -227,6 +227,10 @@ class CoservedJob:
         self.saved_step = self.step
 
     def _drop_step_in_progress(self) -> None:
+        """Forget the step in progress, its gradients and its data: the data position goes back to
+        the step's start, so a checkpoint taken now redoes that step on resume."""
+        if self._in_step:
+            self.stream.load_state_dict(self._stream_at_step_start)
         self._current, self._in_step = None, False
         self._samples.clear()
         self.job.optimizer.zero_grad(set_to_none=True)

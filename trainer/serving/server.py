@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -87,6 +88,8 @@ def serve(cfg: Config) -> int:
         torch.set_num_threads(s.threads)
     # the engine, the HTTP layer and the job worker each tokenize on their own thread
     tokenizer, api_tokenizer, jobs_tokenizer = (load_tokenizer(cfg.model) for _ in range(3))
+    for name, path in s.adapters.items():  # before seconds of model loading: a wrong folder is a typo
+        lora.check_lora_folder(path, where=f"serving.adapters.{name}")
     model = load_model(cfg.model, tokenizer).eval()
     registry = Registry(base_model_id(cfg))
     for i, (name, path) in enumerate(s.adapters.items()):
@@ -117,6 +120,11 @@ def serve(cfg: Config) -> int:
     app = create_app(engine, registry, jobs, metrics, api_tokenizer, s, max_model_len)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=s.shutdown_timeout_s,
                                            access_log=False))
+    # uvicorn handles SIGINT/SIGTERM while it runs, then restores the handlers found and raises the
+    # signal again; with the default handlers that kills the process before the engine stops and the
+    # job checkpoints. Found handlers that only ask uvicorn to exit make the re-raise harmless.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
     host, port = sock.getsockname()[:2]
     print(f"peftforge: serving {registry.base_id} on http://{host}:{port} "
           f"(models: {', '.join(c['id'] for c in registry.cards())})", flush=True)
