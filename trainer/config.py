@@ -21,6 +21,7 @@ import optim
 from trainer.data.labels import LabelNames
 from trainer.errors import UserError
 from trainer.federated.config import FederatedConfig
+from trainer.serving.config import ServingConfig
 
 
 class Section(BaseModel):
@@ -92,6 +93,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":

@@ -14,8 +14,9 @@ from trainer.distributed import gather_trainable, is_zero3
 from trainer.errors import UserError
 
 
-def save_final(accelerator, model, tokenizer, cfg, run_dir: Path) -> Path:
-    """Write adapter/ (peft format) or, for full fine-tuning, model/; atomic, main process."""
+def save_final(accelerator, model, tokenizer, cfg, run_dir: Path, adapter_name: str | None = None) -> Path:
+    """Write adapter/ (peft format) or, for full fine-tuning, model/; atomic, main process.
+    `adapter_name` picks one adapter of a model that holds several (a co-served job's)."""
     spec = adapters.ADAPTERS[cfg.adapter.type]
     # ZeRO-3 partitions weights: every process joins the gather of the trainable ones
     state = gather_trainable(accelerator, model) if is_zero3(accelerator) else None
@@ -27,7 +28,8 @@ def save_final(accelerator, model, tokenizer, cfg, run_dir: Path) -> Path:
         if spec.save_adapter is not None:
             spec.save_adapter(unwrapped, str(tmp), state)
         else:
-            unwrapped.save_pretrained(str(tmp), state_dict=state)
+            selected = {"selected_adapters": [adapter_name]} if adapter_name else {}
+            unwrapped.save_pretrained(str(tmp), state_dict=state, **selected)
         tokenizer.save_pretrained(str(tmp))
         if labels.of(cfg) is not None:  # peft's adapter files have no place for class names
             labels.save(labels.of(cfg), tmp)

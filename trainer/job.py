@@ -117,15 +117,17 @@ def add_method_params(opt, new_params, cfg: Config) -> None:
 
 
 def build_job(cfg: Config, accelerator, *, tokenizer=None, data: tuple[list[dict], list[dict]] | None = None,
-              resume_from: Path | None = None) -> Job:
+              resume_from: Path | None = None, trainable: tuple[torch.nn.Module, adapters.MethodHooks] | None = None) -> Job:
     """Every part of a job, prepared by accelerate. `data` replaces `cfg.data` (a federated
-    client's partition); `resume_from` restores method state, weights, optimizer and RNG.
+    client's partition); `resume_from` restores method state, weights, optimizer and RNG;
+    `trainable` replaces loading the model and wrapping it (a co-served job attaches its adapter
+    to the model that serves): its parameters that require grad are the ones trained.
     The job's config has its classification labels resolved (trainer.data.labels)."""
     cfg = labels.resolve(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     train_set, eval_set = data if data is not None else load_data(cfg, tokenizer)
     task = TASKS[cfg.model.task](cfg, tokenizer)  # batches, loss, loss units, evaluation
-    model, hooks = load_trainable_model(cfg, tokenizer, accelerator.mixed_precision)
+    model, hooks = trainable if trainable is not None else load_trainable_model(cfg, tokenizer, accelerator.mixed_precision)
     attention = getattr(model.config, "_attn_implementation", None)
     task.notes.append(f"attention: {attention}" + (", decoder layers compiled" if cfg.train.compile else ""))
     if resume_from:
@@ -143,18 +145,9 @@ def train_step(job: Job, micro: list[dict], step: int) -> StepResult:
     LR schedule and is passed on (+1) to the method's step hook."""
     cfg, accelerator, model, optimizer, task, hooks = job.cfg, job.accelerator, job.model, job.optimizer, job.task, job.hooks
     t = cfg.train
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
-    # normalise by the loss units of the whole accumulated batch on all processes, so the update
-    # does not depend on how the batch is split into micro-batches or processes. Counted on the
-    # host batches; with several processes the global count is summed on the device and stays
-    # there (the loss is divided by a device tensor), so the host never waits for the collective
-    units = sum(task.units(mb) for mb in micro)
-    if accelerator.num_processes > 1:
-        units = accelerator.reduce(torch.tensor(units, device=accelerator.device), reduction="sum")
-        scale = accelerator.num_processes / units.clamp(min=1)
-    else:
-        scale = 1 / max(units, 1)
+    set_step_lr(job, step)
+    units = step_units(job, micro)
+    scale = accelerator.num_processes / units.clamp(min=1) if torch.is_tensor(units) else 1 / max(units, 1)
     micro = [{k: v.to(accelerator.device) for k, v in mb.items()} for mb in micro]
     create_graph = optim.wants_create_graph(getattr(optimizer, "optimizer", optimizer))
     # accumulate as tensors: a float() per micro-batch would force a device sync each time
@@ -176,13 +169,40 @@ def train_step(job: Job, micro: list[dict], step: int) -> StepResult:
                 extra_totals[k] = extra_totals.get(k, 0.0) + v.detach() / len(micro)
             # drop the graph now: after a create_graph backward it would outlive the step
             del loss, total, extras
-    grad_norm = _clip(accelerator, model, t.max_grad_norm)
+    grad_norm = finish_step(job, step)
+    return StepResult(task_loss, extra_totals, grad_norm, units)
+
+
+def set_step_lr(job: Job, step: int) -> None:
+    """Place the step (0-based, steps done before it) on the LR schedule, in every param group."""
+    t = job.cfg.train
+    for group in job.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
+
+
+def step_units(job: Job, micro: list[dict]):
+    """Loss units of the whole accumulated batch on all processes: the step's loss is normalised
+    by them, so the update does not depend on how the batch is split into micro-batches or
+    processes. Counted on the host batches; with several processes the global count is summed on
+    the device and stays there (a device tensor), so the host never waits for the collective."""
+    accelerator = job.accelerator
+    units = sum(job.task.units(mb) for mb in micro)
+    if accelerator.num_processes > 1:
+        units = accelerator.reduce(torch.tensor(units, device=accelerator.device), reduction="sum")
+    return units
+
+
+def finish_step(job: Job, step: int):
+    """The step after its gradients are in: clip, optimizer step, the method's step hook (which
+    may add parameters), zero the gradients. Returns the pre-clip gradient norm."""
+    accelerator, model, optimizer, cfg = job.accelerator, job.model, job.optimizer, job.cfg
+    grad_norm = _clip(accelerator, model, cfg.train.max_grad_norm)
     optimizer.step()
-    new_params = hooks.after_optimizer_step(step + 1, accelerator.unwrap_model(model))
+    new_params = job.hooks.after_optimizer_step(step + 1, accelerator.unwrap_model(model))
     if new_params:
         add_method_params(getattr(optimizer, "optimizer", optimizer), new_params, cfg)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(task_loss, extra_totals, grad_norm, units)
+    return grad_norm
 
 
 def _clip(accelerator, model, max_norm: float | None):

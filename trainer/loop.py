@@ -40,28 +40,10 @@ def train(cfg: Config) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set = load_data(cfg, tokenizer)
-    try:
-        stream = MicroBatchStream(len(train_set), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
-    except ValueError as e:
-        raise UserError(f"too little training data: {e}", where=f"data.path={cfg.data.path}",
-                        hint="add data or lower train.batch_size") from None
+    stream = micro_batch_stream(cfg, len(train_set), accelerator)
     job = build_job(cfg, accelerator, tokenizer=tokenizer, data=(train_set, eval_set), resume_from=resume_from)
     model, optimizer, task, hooks = job.model, job.optimizer, job.task, job.hooks
-    state = {"step": 0, "wandb_id": None}
-    if resume_from:
-        state = checkpoint.read_state(resume_from)[0]
-        stream.load_state_dict(state["stream"])
-    elif accelerator.is_main_process:  # a fresh run: only now, with everything loaded, touch the run dir
-        if t.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-        if labels.of(cfg) is not None:
-            labels.save(labels.of(cfg), run_dir)
-
-    tracker = Tracker(accelerator, run_dir, cfg, state["step"], state["wandb_id"])
+    state, tracker = open_run(cfg, accelerator, resume_from, stream)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracker.write(f"{len(train_set)} train / {len(eval_set)} eval examples; {n_params:,} trainable parameters"
                   + (f"; resuming from {resume_from.name}" if resume_from else ""))
@@ -101,8 +83,7 @@ def train(cfg: Config) -> Path:
                          f"step {step}:")
         stopping = step == t.stop_after_steps and step < t.max_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
-            state = {"step": step, "stream": stream.state_dict(), "wandb_id": tracker.wandb_id}
-            checkpoint.save_checkpoint(accelerator, run_dir, step, model, optimizer, state, hooks.state_dict(), t.keep_last)
+            save_run_checkpoint(job, run_dir, step, stream.state_dict(), tracker)
         if stopping:
             tracker.write(f"stopped after step {step}; continue with train.resume=auto")
             tracker.close()
@@ -123,6 +104,44 @@ def _report_eval(tracker: Tracker, step: int, metrics: dict[str, float], when: s
     """Held-out metrics into metrics.jsonl and W&B, and as one line above the progress bar."""
     tracker.log(step, metrics)
     tracker.write(f"{when} " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def micro_batch_stream(cfg: Config, n_examples: int, accelerator) -> MicroBatchStream:
+    """This process's deterministic, resumable order of micro-batches over the training set."""
+    t = cfg.train
+    try:
+        return MicroBatchStream(n_examples, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    except ValueError as e:
+        raise UserError(f"too little training data: {e}", where=f"data.path={cfg.data.path}",
+                        hint="add data or lower train.batch_size") from None
+
+
+def open_run(cfg: Config, accelerator, resume_from: Path | None, stream: MicroBatchStream) -> tuple[dict, Tracker]:
+    """Start or continue the run directory once every part of the job is loaded: the saved state
+    (step, data position, W&B id) of a resumed run, or a fresh directory; the resolved config; the
+    tracker. Returns (state, tracker)."""
+    run_dir = Path(cfg.train.output_dir)
+    state = {"step": 0, "wandb_id": None}
+    if resume_from:
+        state = checkpoint.read_state(resume_from)[0]
+        stream.load_state_dict(state["stream"])
+    elif accelerator.is_main_process:  # a fresh run: only now, with everything loaded, touch the run dir
+        if cfg.train.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        if labels.of(cfg) is not None:
+            labels.save(labels.of(cfg), run_dir)
+    return state, Tracker(accelerator, run_dir, cfg, state["step"], state["wandb_id"])
+
+
+def save_run_checkpoint(job, run_dir: Path, step: int, stream_state: dict, tracker: Tracker) -> Path:
+    """A resumable checkpoint after `step` steps, with the data position `stream_state`."""
+    state = {"step": step, "stream": stream_state, "wandb_id": tracker.wandb_id}
+    return checkpoint.save_checkpoint(job.accelerator, run_dir, step, job.model, job.optimizer, state,
+                                      job.hooks.state_dict(), job.cfg.train.keep_last)
 
 
 def _peak_rss_mb() -> float:

@@ -21,7 +21,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of per-token next-token cross-entropy; label -100 marks positions without a loss."""
     # shift the labels, not the logits: slicing the logits would copy the largest tensor of the step
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
+    return next_token_loss_sum(logits, shifted)
+
+
+def next_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy of the logits at each position against the token that follows it
+    (`targets`, already shifted; -100: no loss). A chunk of a sequence passes the targets of its
+    positions, the first label of the next chunk included."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
 
 

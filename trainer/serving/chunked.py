@@ -1,0 +1,108 @@
+"""Token-level fine-tuning: one training sequence through the model in chunks of tokens, forward
+and backward, so that its work can be spread over engine iterations (FlexLLM's token-level
+fine-tuning; FlexLLM splits the backward by layers, we split it by the same token chunks).
+
+Forward of chunk k (tokens [s, e)): the model runs those tokens with a KV cache that holds the
+keys/values of chunks 0..k-1 as *leaves* (detached copies that require grad) and returns the
+chunk's summed next-token loss; the keys/values the chunk computed are kept (as graph tensors),
+and detached copies of them become the leaves later chunks attend to.
+
+Backward, in reverse chunk order: chunk k backpropagates its loss and, through its keys/values,
+the gradients that the later chunks' backwards left on its leaves. Gradients of the LoRA weights
+accumulate across chunks exactly as in one backward of the whole sequence (the chain rule over
+the chunk graph, taken in reverse topological order); tests/test_serving_chunked.py checks loss
+and gradients against a full-sequence forward/backward.
+
+Memory: each chunk's attention saves the keys/values of its whole prefix, so a sequence of L tokens
+in chunks of c saves about L^2/(2c) positions per layer instead of L.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data.formats import IGNORE
+from trainer.objective import next_token_loss_sum
+from trainer.serving import kv
+
+
+@dataclass
+class _Chunk:
+    start: int
+    end: int
+    loss: torch.Tensor  # scaled, still in the graph
+    computed: list[tuple[torch.Tensor, torch.Tensor]]  # this chunk's K/V per layer, in the graph
+    leaves: list[tuple[torch.Tensor, torch.Tensor]]  # their detached copies, attended by later chunks
+
+
+class ChunkedSequence:
+    """One sequence (1-D `input_ids`, `labels` with -100 where there is no loss) whose loss,
+    multiplied by `scale`, is backpropagated chunk by chunk."""
+
+    def __init__(self, model, input_ids: torch.Tensor, labels: torch.Tensor, scale: float):
+        self.model, self.scale = model, scale
+        self.input_ids = input_ids
+        self.targets = F.pad(labels, (0, 1), value=IGNORE)[1:]  # the token each position predicts
+        self.position = 0  # tokens forwarded so far
+        self.chunks: list[_Chunk] = []  # forwarded, not yet backpropagated
+        self.loss_sum = 0.0  # unscaled summed loss of the forwarded chunks
+        self._config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self._cache_kwarg = kv.cache_kwarg(model)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def to_forward(self) -> int:
+        return len(self) - self.position
+
+    @property
+    def next_backward(self) -> tuple[int, int] | None:
+        """(tokens, past) of the chunk the next backward covers, once the forward is complete."""
+        if self.to_forward or not self.chunks:
+            return None
+        c = self.chunks[-1]
+        return c.end - c.start, c.start
+
+    def forward(self, n: int) -> None:
+        start, end = self.position, min(self.position + n, len(self))
+        if self.chunks:
+            past = [(torch.cat([c.leaves[i][0] for c in self.chunks], dim=-2),
+                     torch.cat([c.leaves[i][1] for c in self.chunks], dim=-2)) for i in range(len(self.chunks[0].leaves))]
+            cache = kv.cache_from(self._config, past)
+        else:
+            cache = kv.new_cache(self._config)
+        with torch.enable_grad():
+            out = self.model(input_ids=self.input_ids[None, start:end],
+                             position_ids=torch.arange(start, end)[None], use_cache=True,
+                             **{self._cache_kwarg: cache})
+            loss = next_token_loss_sum(out.logits, self.targets[None, start:end])
+        del out
+        computed = kv.tail(cache, end - start)
+        # a K/V that no trainable weight reaches (layer 0's k_proj without LoRA) stays a plain
+        # tensor: no gradient has to flow back into it
+        leaves = [(k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
+                  for k, v in computed]
+        self.chunks.append(_Chunk(start, end, loss * self.scale, computed, leaves))
+        self.loss_sum += float(loss.detach())
+        self.position = end
+
+    def backward(self) -> None:
+        """Backpropagate the last chunk not yet backpropagated (call after the forward is complete)."""
+        assert not self.to_forward and self.chunks, "backward runs after the whole sequence is forwarded"
+        chunk = self.chunks.pop()
+        outputs, grads = [chunk.loss], [torch.ones_like(chunk.loss)]
+        for (k, v), (leaf_k, leaf_v) in zip(chunk.computed, chunk.leaves):
+            # no gradient on a leaf: no later chunk used it (the last chunk), or it does not matter
+            if leaf_k.grad is not None and k.requires_grad:
+                outputs.append(k), grads.append(leaf_k.grad)
+            if leaf_v.grad is not None and v.requires_grad:
+                outputs.append(v), grads.append(leaf_v.grad)
+        if chunk.loss.requires_grad or len(outputs) > 1:
+            torch.autograd.backward(outputs, grads)
+
+    @property
+    def done(self) -> bool:
+        return not self.to_forward and not self.chunks

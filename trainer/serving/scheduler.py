@@ -1,0 +1,139 @@
+"""What one engine iteration does: pure decisions from the queue state and the cost model.
+
+Policy, in priority order:
+1. Every decoding request advances by one token (its TPOT is what the target protects).
+2. Chunked prefill, first come first served (partly prefilled requests first, then new ones while
+   fewer than `max_running` hold a slot): each chunk as large as the iteration's time budget
+   allows by the cost model, at most `prefill_chunk` tokens; the first chunk of an iteration
+   always advances by at least `prefill_min_chunk` tokens, so prompts progress under any load.
+3. Fine-tuning gets what is left of the time budget, one unit at a time (`choose_ft_unit`): a
+   forward chunk sized so that both it fits now and its backward fits a whole iteration's
+   fine-tuning share; a backward chunk when it fits; the optimizer step whenever it is due.
+   When nothing fits for `ft_max_wait_iters` iterations in a row, one unit runs anyway.
+The time budget of an iteration is `(1 - slo_margin) * tpot_slo_ms` when requests are decoding
+(an iteration is one output token for each of them), else `ft_idle_budget_ms` (how long a new
+request may wait for the iteration in progress). Tokens of one iteration (decode rows, prefill,
+fine-tuning forward) never exceed `max_batch_tokens`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+from trainer.serving.cost import CostModel, finetune_features, inference_features
+
+
+@dataclass(frozen=True)
+class Limits:
+    budget_s: float
+    idle_budget_s: float
+    max_batch_tokens: int
+    prefill_chunk: int
+    prefill_min_chunk: int
+    max_running: int
+    ft_chunk_tokens: int
+    ft_min_chunk: int
+    ft_max_wait_iters: int
+
+    @classmethod
+    def from_config(cls, s) -> "Limits":
+        idle = s.ft_idle_budget_ms if s.ft_idle_budget_ms is not None else s.tpot_slo_ms
+        return cls(budget_s=s.tpot_slo_ms * (1 - s.slo_margin) / 1000, idle_budget_s=idle / 1000,
+                   max_batch_tokens=s.max_batch_tokens, prefill_chunk=s.prefill_chunk,
+                   prefill_min_chunk=min(16, s.prefill_chunk), max_running=s.max_running,
+                   ft_chunk_tokens=s.ft_chunk_tokens, ft_min_chunk=s.ft_min_chunk,
+                   ft_max_wait_iters=s.ft_max_wait_iters)
+
+
+@dataclass
+class InferencePlan:
+    decode_rows: int
+    decode_ctx: int  # cached positions the decode step attends to (padding included)
+    prefill: list[tuple[Hashable, int, int]] = field(default_factory=list)  # (request, tokens, past)
+    admit: list[Hashable] = field(default_factory=list)  # waiting requests that start now
+    time_budget: float = 0.0
+    predicted: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.decode_rows + sum(n for _, n, _ in self.prefill)
+
+    def features(self) -> list[float]:
+        return inference_features(self.decode_rows, self.decode_ctx, [(n, past) for _, n, past in self.prefill])
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The fine-tuning job's next unit of work: "forward" (tokens left in the sequence),
+    "backward" (tokens of the chunk), or "step" (the optimizer step is due); `past` is how many
+    positions of the sequence come before the tokens."""
+    kind: str
+    tokens: int = 0
+    past: int = 0
+
+
+def largest(fits: Callable[[int], bool], cap: int) -> int:
+    """The largest n in [0, cap] with fits(n), for fits monotone (true up to some n)."""
+    lo, hi = 0, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_inference(decode_rows: int, decode_ctx: int, prefilling: list[tuple[Hashable, int, int]],
+                   waiting: list[tuple[Hashable, int]], cost: CostModel, limits: Limits) -> InferencePlan:
+    """`prefilling`: (request, prompt tokens left, tokens prefilled) of requests holding a slot;
+    `waiting`: (request, prompt tokens) in arrival order."""
+    plan = InferencePlan(decode_rows, decode_ctx)
+    plan.time_budget = limits.budget_s if decode_rows else limits.idle_budget_s
+    free_slots = limits.max_running - decode_rows - len(prefilling)
+    candidates = list(prefilling) + [(key, n, 0) for key, n in waiting[:max(free_slots, 0)]]
+    started = {key for key, _, _ in prefilling}
+    for key, left, past in candidates:
+        room = min(left, limits.prefill_chunk, limits.max_batch_tokens - plan.tokens)
+        if room <= 0:
+            break
+
+        def fits(n: int) -> bool:
+            feats = inference_features(decode_rows, decode_ctx,
+                                       [(m, p) for _, m, p in plan.prefill] + [(n, past)])
+            return cost.inference.predict(feats) <= plan.time_budget
+
+        n = largest(fits, room)
+        if not plan.prefill:  # the iteration's first prefill chunk always advances
+            n = max(n, min(room, limits.prefill_min_chunk))
+        if n == 0:
+            break
+        plan.prefill.append((key, n, past))
+        if key not in started:
+            plan.admit.append(key)
+    plan.predicted = cost.inference.predict(plan.features()) if plan.tokens else 0.0
+    return plan
+
+
+def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_share: float, cost: CostModel,
+                   limits: Limits, forced: bool) -> tuple[str, int] | None:
+    """The next fine-tuning unit to run now, or None. `time_left`: seconds of this iteration's
+    budget still free; `ft_share`: the fine-tuning time of a whole iteration like this one (a
+    forward chunk is only as large as its later backward can fit); `forced`: run a unit even if
+    nothing fits (starvation bound)."""
+    if pending.kind == "step":
+        return "step", 0
+    if pending.kind == "forward":
+        cap = min(pending.tokens, limits.ft_chunk_tokens, max(tokens_left, 0))
+
+        def fits(n: int) -> bool:
+            feats = finetune_features(n, pending.past)
+            return cost.ft_forward.predict(feats) <= time_left and cost.ft_backward.predict(feats) <= ft_share
+
+        n = largest(fits, cap)
+        need = min(limits.ft_min_chunk, pending.tokens)
+        if n >= need:
+            return "forward", n
+        return ("forward", need) if forced else None
+    fits_now = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past)) <= time_left
+    return ("backward", pending.tokens) if fits_now or forced else None
