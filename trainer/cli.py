@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["predict"]:
             from trainer.inference.prediction import main as predict
             return predict(argv[1:])
+        if argv[:1] in (["select"], ["pipeline"]):  # GOT-D data selection and select -> warm-up -> fine-tune
+            from trainer.selection.cli import main as selection_main
+            return selection_main(argv[0], argv[1:])
         args = _train_parser().parse_intermixed_args(argv)
         from trainer import demo
         if args.config is None and not args.overrides:  # the demo, said before seconds of imports

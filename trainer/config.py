@@ -20,6 +20,7 @@ import adapters
 import optim
 from trainer.data.labels import LabelNames
 from trainer.errors import UserError
+from trainer.selection.config import SelectionConfig
 
 
 class Section(BaseModel):
@@ -90,6 +91,7 @@ class Config(Section):
     optim: optim.OptimizerOptions
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
