@@ -177,3 +177,36 @@ def test_select_refuses_to_overwrite_a_selection(tmp_path, capsys):
     assert run_inprocess(*select_args(tmp_path, "selection.budget=6", "selection.method=random")) == 2
     assert "already holds files" in capsys.readouterr().err
     assert (tmp_path / "sel" / "selected.jsonl").read_text() == before
+
+
+def test_prefilter_keeps_the_sources_closest_in_ot_distance(tmp_path):
+    """The per-source pre-filter's distances are POT's entropic transport costs (sinkhorn2) between
+    each source's sample and the target, computed here from the cached vectors; only the closest
+    source stays in the pool. The embedder is the model being tuned (tiny:llama, mean-pooled)."""
+    import ot as pot
+
+    from trainer.selection.cache import EmbeddingCache, text_hash
+    from trainer.selection.chunking import chunk_documents
+    from trainer.selection.corpus import read_texts
+    from trainer.selection.embed import EmbedderSpec
+
+    args = select_args(tmp_path, "selection.budget=5", "selection.embedder=model", "selection.prefilter.keep=1",
+                       "selection.prefilter.sample=40", "selection.ot.dtype=float64", "selection.ot.tol=1e-9")
+    assert run_inprocess(*args) == 0
+    info = summary(tmp_path / "sel")
+    assert info["embedder"]["model"] == "tiny:llama"
+    distances = info["prefilter"]["distances"]
+    assert info["prefilter"]["kept"] == [min(distances, key=distances.get)]
+    assert set(info["pool_counts"]) == set(info["prefilter"]["kept"])
+    spec = EmbedderSpec("tiny:llama", 64, True, 32, "cpu")
+    cache = EmbeddingCache(tmp_path / "cache", spec.key())
+    target = cache.get([text_hash(t) for t in read_texts(str(tmp_path / "target.jsonl"), "t")])
+    rng = np.random.default_rng(0)  # the pre-filter's sample: seeded by selection.seed, sources in order
+    for name, path in (("films", str(tmp_path / "films.jsonl")), ("chatterbot_qa", "packaged:chatterbot_qa")):
+        texts = [c.text for c in chunk_documents(read_texts(path, "p"), 0)]
+        picked = sorted(rng.choice(len(texts), size=min(40, len(texts)), replace=False).tolist())
+        sample = cache.get([text_hash(texts[i]) for i in picked])
+        reference = pot.sinkhorn2(np.full(len(target), 1 / len(target)), np.full(len(sample), 1 / len(sample)),
+                                  pot.dist(target.astype(np.float64), sample.astype(np.float64)), 0.1,
+                                  method="sinkhorn_log", stopThr=1e-12, numItermax=100000)
+        assert distances[name] == pytest.approx(float(reference), rel=1e-6)
