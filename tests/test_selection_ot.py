@@ -85,7 +85,9 @@ def test_over_relaxation_and_float32_blocks_reach_the_same_potentials():
     x32, y32 = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
     for kernel_bytes in (2**30, 0):  # kernel held vs recomputed per iteration
         r32 = ot.sinkhorn(x32, y32, 2.0, tol=1e-5, block_size=37, max_kernel_bytes=kernel_bytes)
-        same_up_to_constant(r32.f.numpy(), r32.g.numpy(), f_ref, g_ref, atol=2e-4)
+        # Stopping at an L1 marginal error tol leaves a row's mass off by at most tol, i.e. a relative
+        # error of tol * n for mass 1/n, so its potential by up to eps * tol * n (2 * 1e-5 * 40 = 8e-4).
+        same_up_to_constant(r32.f.numpy(), r32.g.numpy(), f_ref, g_ref, atol=2.0 * 1e-5 * len(x))
 
 
 def test_far_apart_clouds_need_the_log_domain_and_still_match():

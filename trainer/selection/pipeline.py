@@ -24,6 +24,13 @@ from trainer.selection.select import finished as selection_finished
 from trainer.selection.select import select
 
 
+# A stage's saved config holds the stage overrides' effect, not their list: resuming a warm-up that
+# was stopped by `selection.warmup.overrides=[train.stop_after_steps=2]` without that override is
+# the same run (the resume check compares whole configs; a changed selection is refused earlier,
+# by the select stage).
+NO_STAGE_OVERRIDES = ["selection.warmup.overrides=[]", "selection.finetune.overrides=[]"]
+
+
 class Stopped(Exception):
     """A training stage stopped resumably (train.stop_after_steps) before its last step."""
 
@@ -55,7 +62,7 @@ def run_pipeline(config_path: str | None, overrides: list[str], overwrite: bool 
     n_rows = sum(1 for line in selected.open(encoding="utf-8") if line.strip())
     stage_overrides = [f"data.path={selected}", "data.format=text", "data.eval_path=null", "data.eval_fraction=0",
                        "data.packing=false", "data.max_examples=null", f"train.output_dir={warm_dir}",
-                       "train.sample_prompts=[]", *_run_name(cfg, "warmup")]
+                       "train.sample_prompts=[]", *_run_name(cfg, "warmup"), *NO_STAGE_OVERRIDES]
     user = list(cfg.selection.warmup.overrides)
     warm_cfg = load_config(config_path, overrides + stage_overrides + user)
     if not any(o.split("=", 1)[0] == "train.max_steps" for o in user):
@@ -81,7 +88,7 @@ def run_pipeline(config_path: str | None, overrides: list[str], overwrite: bool 
     # 4. fine-tune on the target task from the warmed-up weights
     tune_dir = root / "finetune"
     tune_cfg = load_config(config_path, overrides + [f"model.name_or_path={warmed}", f"train.output_dir={tune_dir}",
-                                                     *_run_name(cfg, "finetune")]
+                                                     *_run_name(cfg, "finetune"), *NO_STAGE_OVERRIDES]
                            + list(cfg.selection.finetune.overrides))
     with record.stage("finetune", tune_dir) as stage:
         _train_stage(tune_cfg, overwrite, stage)
