@@ -1,4 +1,4 @@
-"""Command line: `train.py [--config X.yaml] [key=value ...]` and `train.py export|eval|predict ...`.
+"""Command line: `train.py [--config X.yaml] [key=value ...]` and `train.py export|eval|predict|select|pipeline ...`.
 
 User errors print one line on stderr and exit 2; nothing else is caught.
 """
@@ -13,7 +13,7 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning. "
-                                "Subcommands: `train.py export|eval|predict --help`.")
+                                "Subcommands: `train.py export|eval|predict|select|pipeline --help`.")
     p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml (none: the demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
