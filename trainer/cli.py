@@ -1,4 +1,4 @@
-"""Command line: `train.py [--config X.yaml] [key=value ...]` and `train.py export|eval|predict ...`.
+"""Command line: `train.py [--config X.yaml] [key=value ...]` and `train.py export|eval|predict|serve|select|pipeline|federated ...`.
 
 User errors print one line on stderr and exit 2; nothing else is caught.
 """
@@ -13,7 +13,7 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="peftforge: parameter-efficient fine-tuning. "
-                                "Subcommands: `train.py export|eval|predict|serve --help`; "
+                                "Subcommands: `train.py export|eval|predict|serve|select|pipeline --help`; "
                                 "`train.py federated --config X` (Flower simulation).")
     p.add_argument("--config", help="YAML recipe, e.g. configs/smollm2-lora.yaml (none: the demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["predict"]:
             from trainer.inference.prediction import main as predict
             return predict(argv[1:])
+        if argv[:1] in (["select"], ["pipeline"]):  # GOT-D data selection and select -> warm-up -> fine-tune
+            from trainer.selection.cli import main as selection_main
+            return selection_main(argv[0], argv[1:])
         if argv[:1] == ["serve"]:
             from trainer.serving.server import main as serve
             return serve(argv[1:])

@@ -22,6 +22,7 @@ from trainer.data.labels import LabelNames
 from trainer.errors import UserError
 from trainer.federated.config import FederatedConfig
 from trainer.serving.config import ServingConfig
+from trainer.selection.config import SelectionConfig
 
 
 class Section(BaseModel):
@@ -94,6 +95,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":

