@@ -9,8 +9,8 @@ bases and reconstruct each client's update; FedAvg: Flower's weighted mean of th
 the client's local steps themselves (the trainer's train_step). Then it runs `train.py federated`
 on the tiny model with each strategy and reads the round wall times from metrics.jsonl.
 
-    flock /work/heavy.lock bash scripts/offline.sh .venv/bin/python scripts/bench_federated.py \
-        --out docs/results/federated-bench.json
+    bash scripts/offline.sh .venv/bin/python scripts/bench_federated.py \
+        --out runs/federated-bench.json
 
 Prints JSON (medians in seconds, ratios Ferret / FedAvg). Run it on an otherwise idle machine.
 """

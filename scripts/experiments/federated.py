@@ -6,12 +6,12 @@ resumes (train.resume=auto) the next unfinished runs until `--budget-min` minute
 then stops; run it again (under the lock) until it reports that all runs are done. `--report`
 writes docs/results/federated.md's tables (JSON) and the plots.
 
-    flock /work/heavy.lock bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py --budget-min 18
+    bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py --budget-min 18
     .venv/bin/python scripts/experiments/federated.py --report
 
 A smaller run (one seed, two methods, fewer rounds; what docs/results/federated.md shows today):
 
-    flock /work/heavy.lock bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py \
+    bash scripts/offline.sh .venv/bin/python scripts/experiments/federated.py \
         --seeds 1 --methods ferret fedavg --set federated.rounds=3 --runs runs/exp-federated-small
     .venv/bin/python scripts/experiments/federated.py --seeds 1 --methods ferret fedavg --runs runs/exp-federated-small --report
 """

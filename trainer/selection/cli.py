@@ -8,7 +8,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     about = {"select": "select warm-up data from a candidate pool for a target (GOT-D, nearest, DSIR, random)",
              "pipeline": "select -> warm up on the selection -> fine-tune from the warmed-up weights"}
     p = argparse.ArgumentParser(prog=f"train.py {command}", description=about[command])
-    p.add_argument("--config", help="YAML recipe with a selection: section, e.g. configs/select-reviews.yaml")
+    p.add_argument("--config", help="YAML recipe with a selection: section, e.g. configs/select-tiny.yaml")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing selection" + (" and redo every stage" if command == "pipeline" else ""))
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
