@@ -95,6 +95,28 @@ def test_resume_may_change_length_cadence_and_tracking(stopped_run, tmp_path):
     assert (run / "checkpoints" / "step-3").is_dir()
 
 
+@pytest.mark.parametrize("setting, refused", [("train.compile=false", False), ("train.compile=true", True)])
+def test_a_run_saved_before_a_key_existed_resumes_only_at_its_default(stopped_run, tmp_path, setting, refused, capsys):
+    """A config.yaml written before `train.compile` existed: resuming with the key at its default is
+    the same run and continues; with another value it is a different run and is refused."""
+    import shutil
+
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["compile"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    code = run_inprocess("--config", TINY, f"train.output_dir={run}", *RUN, "train.max_steps=3", "train.resume=auto",
+                         setting)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    if refused:
+        assert code == 2 and len(err) == 1 and "train.compile was None, now True" in err[0], err
+    else:
+        assert code == 0 and (run / "adapter").is_dir(), err
+
+
 # ----- stop and resume == straight, for every registered method ----------------------------------------
 
 METHOD_OPTIONS = {  # dropout on where the method has it; schedules that act inside 6 steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from trainer.checkpoint import latest_checkpoint
 from trainer.errors import UserError
@@ -23,14 +24,26 @@ RESUME_MAY_CHANGE = {"tracking"} | {f"train.{k}" for k in (
     "resume", "overwrite", "sample_prompts", "max_new_tokens", "eval_at_start")}
 
 
-def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+def _defaults(section: BaseModel) -> dict:
+    """Each field's default, in the shape of `to_dict()`, for the section classes `section` holds."""
+    out = {}
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        out[name] = _defaults(value) if isinstance(value, BaseModel) else field.get_default(call_default_factory=True)
+    return out
+
+
+def _first_difference(old: dict, new: dict, defaults: dict, prefix: str = "") -> str | None:
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
         if path in RESUME_MAY_CHANGE:
             continue
         a, b = old.get(key), new.get(key)
+        # a key the saved run predates, at its default: that run ran as the default says
+        if key not in old and key in defaults and b == defaults[key]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{path}.")
+            found = _first_difference(a, b, defaults.get(key) or {}, f"{path}.")
             if found:
                 return found
         elif a != b:
@@ -55,7 +68,7 @@ def plan_run_dir(cfg) -> Path | None:
         raise UserError("already holds a run", where=f"train.output_dir={run_dir}",
                         hint="use train.resume=auto to continue it, train.overwrite=true to replace it, or another output_dir")
     old = yaml.safe_load(saved.read_text()) or {}
-    diff = _first_difference(old, cfg.to_dict())
+    diff = _first_difference(old, cfg.to_dict(), _defaults(cfg))
     if diff:
         raise UserError(f"cannot resume with a different config: {diff}", where=str(saved),
                         hint="only train.max_steps, stop_after_steps, eval/log/save cadence, sample prompts and "
