@@ -108,4 +108,7 @@ def build_adalora(model, opts: AdaLoraOptions, ctx: BuildContext):
     return peft_model, AdaLoraHooks(peft_model, opts)
 
 
-register_adapter(AdapterSpec("adalora", AdaLoraOptions, build_adalora))
+register_adapter(AdapterSpec(
+    "adalora", AdaLoraOptions, build_adalora,
+    no_partitioned_weights="peft's rank allocator multiplies each whole weight by its gradient and masks ranks "
+                           "in place, and its orthogonality penalty needs the whole factors"))

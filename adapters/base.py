@@ -69,6 +69,9 @@ class AdapterSpec:
     # True when the method creates trainable parameters mid-run (rank growth): DDP's bucketed
     # gradient sync and ZeRO's partitioning are fixed at start-up, so it runs on one process
     adds_parameters: bool = False
+    # why the method cannot train on weights partitioned across processes (DeepSpeed ZeRO-3, FSDP),
+    # refused at launch; None = it can
+    no_partitioned_weights: Optional[str] = None
     # the model.task values the method can train; None = every task
     tasks: Optional[tuple[str, ...]] = None
     # why the method cannot train with train.gradient_checkpointing (refused at config load); None = it can

@@ -131,3 +131,14 @@ def test_galore_refused_under_zero(tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "optim.name" in ours[0] and "ZeRO" in ours[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_adalora_refused_under_zero3(tmp_path):
+    """peft's rank allocator needs whole weights and gradients; ZeRO-3 partitions both, so the run
+    is refused at launch (before it used to fail on its first reallocation)."""
+    proc = launch("deepspeed-zero3", tmp_path / "run", "adapter.type=adalora", "adapter.init_r=4",
+                  "adapter.target_r=2", args=[])
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "adapter.type" in ours[0] and "ZeRO-3" in ours[0], ours
+    assert not (tmp_path / "run").exists()

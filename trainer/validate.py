@@ -9,6 +9,7 @@ from accelerate.utils import DistributedType
 
 import adapters
 import optim
+from trainer.distributed import is_zero3
 from trainer.errors import UserError
 
 
@@ -26,6 +27,11 @@ def check_runtime(cfg, accelerator) -> None:
         raise UserError(f"{cfg.optim.name} needs whole, unpartitioned gradients per parameter, which DeepSpeed ZeRO "
                         f"and FSDP shard", where="optim.name",
                         hint="launch with configs/accelerate/single.yaml" + ("" if opt.double_backward else " or ddp-cpu.yaml"))
+    partitioned = accelerator.distributed_type == DistributedType.FSDP or is_zero3(accelerator)
+    if partitioned and method.no_partitioned_weights:
+        raise UserError(f"{cfg.adapter.type} cannot train on weights partitioned across processes (DeepSpeed ZeRO-3, "
+                        f"FSDP): {method.no_partitioned_weights}", where="adapter.type",
+                        hint="launch with configs/accelerate/ddp-cpu.yaml or single.yaml")
     if method.adds_parameters and accelerator.num_processes > 1:
         raise UserError(f"{cfg.adapter.type} adds parameters during training, which DDP's gradient sync and ZeRO's "
                         f"partitioning cannot take in after start-up", where="adapter.type",
