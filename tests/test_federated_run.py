@@ -79,21 +79,37 @@ def test_simulation_with_a_failing_client_resumes_exactly_after_a_kill(tmp_path)
     assert b"bytes_up_per_client" in next(runs[1].glob("run-*.wandb")).read_bytes()
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and everything below it. Ray's daemons may run in sessions of their own,
+def _tree(pids) -> list:
+    """The processes and all their descendants. Ray's daemons may run in sessions of their own,
     out of reach of killpg, but they are the driver's descendants until it dies."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
+    tree = []
+    for pid in pids:
         try:
-            p.kill()
+            root = psutil.Process(pid)
+            tree += [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
+    return tree
+
+
+def _signal(tree: list, how: str) -> None:
+    import psutil
+
+    for p in tree:
+        try:
+            getattr(p, how)()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it."""
+    import psutil
+
+    tree = _tree([pid])
+    _signal(tree, "kill")
     psutil.wait_procs(tree, timeout=30)
 
 
@@ -115,24 +131,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     """Stop what the test started: each process and its descendants, politely, then for sure."""
     import psutil
 
-    tree = []
-    for p in procs:
-        try:
-            root = psutil.Process(p.pid)
-            tree += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    tree = _tree(p.pid for p in procs)
+    _signal(tree, "terminate")
     _, alive = psutil.wait_procs(tree, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal(alive, "kill")
     psutil.wait_procs(alive, timeout=30)
     for p in procs:
         p.wait(timeout=30)
