@@ -12,7 +12,8 @@ on the tiny model with each strategy and reads the round wall times from metrics
     bash scripts/offline.sh .venv/bin/python scripts/bench_federated.py \
         --out runs/federated-bench.json
 
-Prints JSON (medians in seconds, ratios Ferret / FedAvg). Run it on an otherwise idle machine.
+Prints a markdown table (medians in seconds, ratios Ferret / FedAvg; `--out` also keeps the JSON,
+`--table JSON` prints the table of a kept result). Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -139,6 +140,28 @@ def bench_simulation(args) -> dict:
     return out
 
 
+def table(result: dict) -> str:
+    """The markdown table of docs/results/federated.md: medians and Ferret / FedAvg ratios per model.
+    FedIT is FedAvg over LoRA parameters, so on the LoRA rows its bytes and times are FedAvg's."""
+    lines = ["| model | values sent | Ferret up / down (B) | FedAvg = FedIT on LoRA, up / down (B) | bytes ratio up+down "
+             "| client: local steps (s) | + projection (s) | client ratio | server: Ferret reconstruct (s) "
+             "| FedAvg mean (s) | server ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        b, c, v = m["bytes"], m["client_s"], m["server_s"]
+        lines.append(f"| {m['model']} | {m['values']:,} | {b['ferret_up']:,} / {b['ferret_down']:,} | "
+                     f"{b['fedavg_up']:,} / {b['fedavg_down']:,} | {b['ratio_total']:.2e} | {c['local_steps']:.3f} | "
+                     f"{c['ferret_projection']:.3f} | {c['ratio']:.2f} | {v['ferret_reconstruct']:.3f} | "
+                     f"{v['fedavg_mean']:.3f} | {v['ratio']:.1f} |")
+    sim = result.get("simulation")
+    if sim:
+        lines += ["", "| strategy (tiny model, simulation) | round wall time, median over runs of the per-run medians (s) |",
+                  "|---|---|"]
+        for strategy, runs in sim.items():
+            medians = [r["round_s_median"] for r in runs]
+            lines.append(f"| {strategy} | {statistics.median(medians):.2f} ({', '.join(f'{x:.2f}' for x in medians)}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=[m for m, _ in MODELS])
@@ -148,10 +171,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--step-repeats", type=int, default=2)
     p.add_argument("--sim-rounds", type=int, default=4)
-    p.add_argument("--sim-order", nargs="*", default=["ferret", "fedavg", "fedavg", "ferret"])
+    p.add_argument("--sim-order", nargs="*", default=["ferret", "fedavg", "fedit", "fedit", "fedavg", "ferret"])
     p.add_argument("--scratch", default="runs/bench-federated")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--table", metavar="JSON", help="print the table of a result written by --out (no measuring)")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     from flwr.supercore.task_identity import TaskIdentity
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what Flower's runtime sets
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -163,9 +190,9 @@ def main() -> None:
     if args.sim_order:
         result["simulation"] = bench_simulation(args)
     text = json.dumps(result, indent=1)
-    print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    print(table(result))
 
 
 if __name__ == "__main__":
