@@ -71,7 +71,7 @@ def _config(spec: dict, packing: bool, output_dir: str, extra: list[str] = ()):
         "train.sample_prompts=[]", f"train.seed={spec['seed']}", f"train.output_dir={output_dir}",
         "train.overwrite=true", "tracking.wandb=false", f"model.name_or_path={spec['model']}",
     ]
-    return load_config(RECIPE, overrides + list(extra))
+    return load_config(RECIPE, overrides + list(spec.get("both_overrides", [])) + list(extra))
 
 
 def _fingerprint(batch: dict) -> str:
@@ -535,7 +535,7 @@ def print_table(summary: dict, spec: dict) -> None:
 def merge(paths: list[str], out: Path) -> None:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     same = ("steps", "batch_size", "max_length", "warmup", "threads", "model", "device", "precision", "variants",
-            "ours_overrides")
+            "ours_overrides", "both_overrides")
     for part, path in zip(parts[1:], paths[1:]):
         differ = [k for k in same if part["config"].get(k) != parts[0]["config"].get(k)]
         if differ:
@@ -577,6 +577,9 @@ def main() -> None:
     p.add_argument("--ours-overrides", default="",
                    help="space-separated config overrides for our side only, e.g. 'train.logits=full' (the "
                         "full-logits path) or 'train.compile=true'")
+    p.add_argument("--both-overrides", default="",
+                   help="space-separated config overrides for both sides, e.g. 'adapter.dropout=0' (no dropout "
+                        "draws, so the two sides' losses can be compared step by step)")
     p.add_argument("--start-repeat", type=int, default=0,
                    help="index of the first repeat: a benchmark split into invocations continues the ABBA order")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -603,7 +606,8 @@ def main() -> None:
     spec = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "repeats": a.repeats,
             "warmup": a.warmup, "threads": a.threads, "omp_wait_policy": a.omp_wait_policy,
             "max_examples": a.max_examples, "seed": a.seed, "device": a.device, "precision": a.precision,
-            "model": a.model, "ours_overrides": a.ours_overrides.split()}
+            "model": a.model, "ours_overrides": a.ours_overrides.split(),
+            "both_overrides": a.both_overrides.split()}
     # One repeat runs each side once, ours and HF interleaved, so every HF run sits next to the ours
     # runs it is compared with: padded -> ours-padded, hf-padded, ours-packed(, hf-packed). Every
     # other repeat runs them in reverse (ABBA), so a drift or a first-run effect favours neither side.

@@ -28,9 +28,10 @@ LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key
              vocab_size=VOCAB, tie_word_embeddings=True, use_cache=False)  # as trainer.models loads them
 
 
-def cfg(logits="auto", optimizer="adamw", packing=False):
+def cfg(logits="auto", optimizer="adamw", packing=False, padding_free=True):
     """The config fields the causal-LM task reads."""
-    return SimpleNamespace(data=SimpleNamespace(packing=packing), train=SimpleNamespace(logits=logits),
+    return SimpleNamespace(data=SimpleNamespace(packing=packing),
+                           train=SimpleNamespace(logits=logits, padding_free=padding_free),
                            optim=SimpleNamespace(name=optimizer))
 
 

@@ -73,6 +73,8 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     logits: Literal["auto", "full"] = Field("auto", description="auto: causal LM lm_head + loss only at the loss "
                                             "positions, in chunks, where the model allows it; full: every position")
+    padding_free: bool = Field(True, description="a padded causal-LM batch runs as one row of its real tokens "
+                                "where the model's attention keeps rows apart (trainer.padding_free)")
     compile: bool = Field(False, description="torch.compile each decoder layer (trainer.compile)")
     sample_prompts: list[str] = Field(default_factory=list, description="answered before and after training")
     max_new_tokens: int = Field(48, ge=1)

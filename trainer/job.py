@@ -74,10 +74,20 @@ def load_trainable_model(cfg: Config, tokenizer, mixed_precision: str = "no") ->
     if optim.OPTIMIZERS[cfg.optim.name].double_backward and model_cfg.attn_implementation is None:
         # fused SDPA kernels have no double backward; eager attention does
         model_cfg = model_cfg.model_copy(update={"attn_implementation": "eager"})
-    elif model_cfg.attn_implementation is None and cfg.data.packing and model_cfg.task == "causal_lm":
+    elif model_cfg.attn_implementation is None and model_cfg.task == "causal_lm" and (
+            cfg.data.packing or cfg.train.padding_free):
+        # packed rows, and padded ones run padding-free, want an attention that keeps documents apart
         model_cfg = model_cfg.model_copy(update={"attn_implementation": packed_attention(mixed_precision)})
     classes = labels.of(cfg)
-    model = load_model(model_cfg, tokenizer, classes.id2label() if classes else None)
+    id2label = classes.id2label() if classes else None
+    try:
+        model = load_model(model_cfg, tokenizer, id2label)
+    except UserError:
+        if model_cfg is cfg.model or cfg.model.attn_implementation or model_cfg.attn_implementation == "eager":
+            raise
+        # a model class without transformers' attention interface refuses the per-document
+        # attention we picked for it; it trains padded, with its own default attention
+        model = load_model(cfg.model, tokenizer, id2label)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from trainer.objective import MODEL_INPUTS, forward
+from trainer.padding_free import unpad
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -61,12 +62,15 @@ class LossPositionOutputs:
     positions: [B, T] bool, which positions those are (see `loss_positions`)
     head:      the model's output layer (with its adapter wrapper, if any)
     autocast:  the autocast state the model's forward ran under
+    padding_free: whether the forward ran on the batch's real tokens only (trainer.padding_free);
+               a second forward over the same batch (BA-LoRA's teacher) does the same
     """
 
     hidden: torch.Tensor
     positions: torch.Tensor
     head: nn.Module
     autocast: AutocastState
+    padding_free: bool = False
 
     def logits(self) -> torch.Tensor:
         """[M, V] logits at the loss positions, with gradients: the rows of the full-logits
@@ -105,15 +109,23 @@ def _capture_head_input(head: nn.Module):
 
 
 def forward_at_positions(model: nn.Module, batch: dict, positions: torch.Tensor,
-                         head: nn.Module | None = None) -> LossPositionOutputs:
-    """Run `model` on the batch's model inputs and return the final hidden states at `positions`."""
+                         head: nn.Module | None = None, padding_free: bool = False) -> LossPositionOutputs:
+    """Run `model` on the batch's model inputs and return the final hidden states at `positions`.
+    `padding_free`: run it on the real tokens only, as one row of documents, where the batch
+    allows it (trainer.padding_free; the caller knows the model's attention keeps them apart)."""
     head = head if head is not None else output_layer(model)
+    flat = unpad(batch) if padding_free else None
+    if flat is not None and bool((positions & ~flat[1]).any()):
+        flat = None  # a loss position on padding: keep the padded layout, where it exists
     with _capture_head_input(head) as box:
-        forward(model, batch)
+        forward(model, flat[0] if flat else batch)
     hidden = box.get("hidden")
-    if hidden is None or hidden.shape[:2] != positions.shape:
+    layout = flat[0]["input_ids"] if flat else positions
+    if hidden is None or hidden.shape[:2] != layout.shape:
         raise RuntimeError("the output layer did not receive one hidden state per input position")
-    return LossPositionOutputs(hidden[positions], positions, head, box["autocast"])
+    # one row of real tokens: the loss positions among them, in the same row-major order
+    picked = hidden[0][positions[flat[1]]] if flat else hidden[positions]
+    return LossPositionOutputs(picked, positions, head, box["autocast"], padding_free=flat is not None)
 
 
 def check_split(model: nn.Module, batch: dict, probe_length: int = 16) -> str | None:

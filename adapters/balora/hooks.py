@@ -64,7 +64,8 @@ class BaLoraHooks(MethodHooks):
         if not isinstance(outputs, LossPositionOutputs):
             return self._rows(self.initial.original_forward(**inputs).logits, batch)
         with self.initial.original() as original:  # its output layer, too, only at those positions
-            return forward_at_positions(original, inputs, outputs.positions).logits()
+            return forward_at_positions(original, inputs, outputs.positions,
+                                        padding_free=outputs.padding_free).logits()
 
     def extra_losses(self, batch, outputs, model) -> dict[str, torch.Tensor]:
         s = self.settings

@@ -8,11 +8,14 @@ Two ways to the same loss (tests/test_lm_loss.py checks that values and gradient
     `forward_loss` returns the model's outputs. Taken with `train.logits: full`, for optimizers
     that differentiate twice (AdaHessian: the chunked loss has no double backward), and where the
     check on the first batch finds the split does not reproduce the model (trainer.loss_positions).
-The choice is made once, on the first batch, and recorded in `notes` (the loop prints it).
+On the loss-positions path a padded batch also runs padding-free (`train.padding_free`, on by default;
+trainer.padding_free) when the model's attention keeps documents apart.
+The choices are made once, on the first batch, and recorded in `notes` (the loop prints them).
 """
 from __future__ import annotations
 
 import optim
+from trainer import padding_free
 from trainer.data.packing import Collator, count_loss_tokens
 from trainer.linear_ce import chunk_rows_for, linear_cross_entropy_sum
 from trainer.loss_positions import (check_split, forward_at_positions, loss_positions, next_token_targets,
@@ -30,6 +33,7 @@ class CausalLM(Task):
         super().__init__(cfg, tokenizer)
         self.collate = Collator(tokenizer.pad_token_id, self.name, packed=cfg.data.packing)
         self.split: bool | None = None  # decided on the first batch
+        self.padding_free = False
         self.fixed_reason = self._fixed_reason(cfg)
 
     @staticmethod
@@ -47,6 +51,9 @@ class CausalLM(Task):
         if self.split:
             self.chunk_rows = chunk_rows_for(_vocab_size(output_layer(model)))
             self.notes.append(SPLIT_NOTE.format(rows=self.chunk_rows))
+            self.padding_free = self.cfg.train.padding_free and padding_free.applies(model)
+            if self.padding_free:
+                self.notes.append("padded batches run padding-free: the real tokens of all rows as one row of documents")
         else:
             self.notes.append(f"loss: full logits ({reason})")
 
@@ -57,7 +64,7 @@ class CausalLM(Task):
             outputs = forward(model, batch)
             return outputs, token_loss_sum(outputs.logits, batch["labels"])
         positions = loss_positions(batch["labels"])
-        outputs = forward_at_positions(model, batch, positions)
+        outputs = forward_at_positions(model, batch, positions, padding_free=self.padding_free)
         targets = next_token_targets(batch["labels"], positions)
         with outputs.autocast():
             loss = linear_cross_entropy_sum(outputs.hidden, outputs.head, targets, self.chunk_rows)
