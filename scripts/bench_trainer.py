@@ -100,6 +100,8 @@ def _attention_pairs(batch: dict) -> dict:
     document is its own block (sdpa_varlen, flash-attention's varlen kernel)."""
     rows, width = batch["input_ids"].shape
     out = {"pairs_rows": rows * width * (width + 1) // 2}
+    if "attention_mask" in batch:  # padded rows: run padding-free, each row's real tokens are a document
+        out["pairs_documents"] = sum(n * (n + 1) // 2 for n in batch["attention_mask"].sum(1).tolist())
     if "position_ids" in batch:
         from trainer.varlen_attention import document_sizes
 
@@ -184,7 +186,7 @@ def child_ours(spec: dict, result_path: Path) -> None:
                   losses=[m["loss"] for m in steps],
                   extra={"loop_tokens_per_s": [m["tokens_per_s"] for m in steps],
                          "loop_peak_rss_mb": steps[-1]["peak_rss_mb"] if steps else None,
-                         "notes": [n for n in notes if n.startswith(("loss:", "attention:"))]})
+                         "notes": [n for n in notes if n.startswith(("loss:", "attention:", "padded batches"))]})
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -290,7 +292,8 @@ class FlopModel:
     the output layer (2 x hidden x vocab forward, as much for the input gradient, the tied matrix
     being frozen) at every row it is applied to: every position on HF's side, only the loss
     positions on ours when it takes that path. Causal pairs are counted per attention block: a
-    row (padded rows, or packed rows under a block mask) or a document (sdpa_varlen).
+    row (padded rows, or packed rows under a block mask) or a document (sdpa_varlen, and the real
+    tokens of a padded row run padding-free, when positions count only those tokens).
     """
 
     def __init__(self, config, lora_r: int, lora_targets: list[str]):
@@ -305,8 +308,8 @@ class FlopModel:
         self.attn_width = nh * hd
         self.head = h * config.vocab_size
 
-    def step(self, batch: dict, head_rows: str, blocks: str) -> float:
-        positions = batch["positions"]
+    def step(self, batch: dict, head_rows: str, blocks: str, padding_free: bool = False) -> float:
+        positions = batch["input_tokens"] if padding_free else batch["positions"]
         body = positions * self.layers * (4 * self.linear + 6 * self.lora)
         attention = self.layers * 3 * 4 * self.attn_width * batch[f"pairs_{blocks}"]
         head = 4 * self.head * (batch["loss_tokens"] if head_rows == "loss" else positions)
@@ -319,8 +322,14 @@ def side_flops(raw: dict, flop_model: FlopModel | None):
         return None
     notes = " ".join(raw.get("notes", []))
     head_rows = "loss" if "loss positions" in notes else "all"
-    blocks = "documents" if "sdpa_varlen" in notes or "flash_attention" in notes else "rows"
-    return lambda batch: flop_model.step(batch, head_rows, blocks)
+    per_document = "sdpa_varlen" in notes or "flash_attention" in notes
+    padding_free = "padding-free" in notes
+
+    def flops(batch: dict) -> float:
+        if "input_tokens" in batch:  # padded rows: one block each, or their real tokens when padding-free
+            return flop_model.step(batch, head_rows, "documents" if padding_free else "rows", padding_free)
+        return flop_model.step(batch, head_rows, "documents" if per_document else "rows")
+    return flops
 
 
 # ---- parent ------------------------------------------------------------------------------------
