@@ -18,6 +18,7 @@ Workers split the runs by index; a run whose directory holds its results is not 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -27,11 +28,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import adapters as exp  # noqa: E402  (scripts/experiments/adapters.py: the method settings and run helpers)
+
+def _experiment_module(name: str):
+    """scripts/experiments/<name>.py under another module name: `adapters` is the repo's package."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # it puts the repo root on sys.path
+    return module
+
+
+exp = _experiment_module("adapters")  # the method settings and the run helpers
 
 METHODS = ("lora", "pissa", "dora", "adalora", "triadaptlora", "balora")
 LRS = (1e-3, 3e-3, 1e-2)

@@ -51,7 +51,9 @@ class CausalLM(Task):
         if self.split:
             self.chunk_rows = chunk_rows_for(_vocab_size(output_layer(model)))
             self.notes.append(SPLIT_NOTE.format(rows=self.chunk_rows))
-            self.padding_free = self.cfg.train.padding_free and padding_free.applies(model)
+            # packed batches have no padding to remove (and no attention mask): nothing to say for them
+            self.padding_free = (self.cfg.train.padding_free and "attention_mask" in batch
+                                 and padding_free.applies(model))
             if self.padding_free:
                 self.notes.append("padded batches run padding-free: the real tokens of all rows as one row of documents")
         else:
