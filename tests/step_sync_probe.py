@@ -4,7 +4,7 @@ gloo) and report every tensor value that trainer/job.py itself read back to the 
 On a GPU each such read (int(t), float(t), bool(t), t.item(), t.tolist()) makes the host wait for
 the device, so the step must make none. On the CPU the reads cost nothing but still happen, so
 they are caught here by wrapping those conversions and looking at who called them.
-Prints one JSON line per process: {"rank", "reads": ["job.py:LINE <conversion>", ...], "loss"}.
+Writes one JSON file per process, OUT_DIR/rank-N.json: {"rank", "reads": ["job.py:LINE <conversion>", ...], "loss"}.
 """
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def worker(out_dir: str) -> None:
     for name, method in originals.items():  # unwatched again before the result is read here
         setattr(torch.Tensor, name, method)
     loss = float(accelerator.reduce(result.loss, reduction="sum"))
-    print(json.dumps({"rank": accelerator.process_index, "reads": reads, "loss": loss}), flush=True)
+    # one file per process: two processes printing to one pipe can interleave their lines
+    record = json.dumps({"rank": accelerator.process_index, "reads": reads, "loss": loss})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"rank-{accelerator.process_index}.json").write_text(record)
 
 
 if __name__ == "__main__":
