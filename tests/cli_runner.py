@@ -35,3 +35,21 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def assert_same_training(reference: Path, other: Path, steps: int) -> None:
+    """Two runs of the same job took the same steps: each step's loss to 1e-5 and the final adapters.
+    Adam divides by sqrt(v): float rounding in the smallest gradients moves such a weight by up to
+    ~1e-5 after a few steps at lr 1e-2, which is why the weights get a looser bound than the losses."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    want, got = losses(reference), losses(other)
+    assert want.keys() == got.keys() == set(range(1, steps + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), step
+    wa, wb = (load_file(Path(run) / "adapter" / "adapter_model.safetensors") for run in (reference, other))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=3e-5, rtol=1e-3)
