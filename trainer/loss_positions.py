@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer.objective import MODEL_INPUTS, forward
-from trainer.padding_free import unpad
+from trainer.padding_free import unpad, unwrapped
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -81,10 +81,7 @@ class LossPositionOutputs:
 
 def output_layer(model: nn.Module) -> nn.Module | None:
     """The output layer module inside whatever wrappers (DDP, DeepSpeed, peft) surround the model."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP / DeepSpeed engine
-        inner = inner.module
-    get = getattr(inner, "get_output_embeddings", None)
+    get = getattr(unwrapped(model), "get_output_embeddings", None)
     return get() if callable(get) else None
 
 

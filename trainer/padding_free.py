@@ -23,12 +23,16 @@ import torch
 DOCUMENT_ATTENTION = ("sdpa_varlen", "flash_attention_2")
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DeepSpeed engine wrappers (peft's own wrapper is kept)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def applies(model) -> bool:
     """Whether `model`'s attention keeps the documents of one row apart (see DOCUMENT_ATTENTION)."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / DeepSpeed engine
-        inner = inner.module
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None) in DOCUMENT_ATTENTION
+    return getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", None) in DOCUMENT_ATTENTION
 
 
 def unpad(batch: dict) -> tuple[dict, torch.Tensor] | None:
