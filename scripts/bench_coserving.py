@@ -188,8 +188,13 @@ def engine_cell(model, tokenizer, cfg, kind: str, rate: float, duration: float, 
 def _ft_window(collector, t0, end) -> dict:
     rows = [s for t, s in collector.rows if t - t0 <= end]
     fwd = sum(s.ft_forward_tokens for s in rows)
+    units = {}  # per kind: how many units, their positions and their measured seconds
+    for kind, positions, _, seconds in (u for s in rows for u in s.units):
+        n, pos, sec = units.get(kind, (0, 0, 0.0))
+        units[kind] = (n + 1, pos + positions, round(sec + seconds, 3))
     return {"ft_tokens_per_s": round(fwd / end, 2), "ft_steps_in_window": sum(s.ft_steps for s in rows),
-            "forced_units": sum(s.ft_forced for s in rows)}
+            "forced_units": sum(s.ft_forced for s in rows),
+            "units": {k: {"count": n, "positions": pos, "seconds": sec} for k, (n, pos, sec) in units.items()}}
 
 
 class TimeShareEngine:
@@ -206,11 +211,11 @@ class TimeShareEngine:
                 job, began = self.job, self.clock()
                 while job.active:
                     pending = job.pending()
-                    job.run(pending.kind, pending.tokens)
+                    done = job.run(pending.kind, pending.tokens)
                     if pending.kind == "forward":
-                        stats.ft_forward_tokens += pending.tokens
+                        stats.ft_forward_tokens += done
                     elif pending.kind == "backward":
-                        stats.ft_backward_tokens += pending.tokens
+                        stats.ft_backward_tokens += pending.tokens * pending.rows
                     else:
                         stats.ft_steps += 1
                         break

@@ -49,12 +49,13 @@ def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chu
     model.zero_grad(set_to_none=True)
 
     seq = ChunkedSequence(model, ids, labels, scale)
-    for n in chunks:
-        assert seq.next_backward is None
-        seq.forward(n)
-    assert seq.to_forward == 0
-    while not seq.done:
-        seq.backward()
+    with torch.no_grad():  # as on the engine thread: the chunks turn autograd on themselves
+        for n in chunks:
+            assert seq.next_backward is None
+            seq.forward(n)
+        assert seq.to_forward == 0
+        while not seq.done:
+            seq.backward()
     got = _grads(model)
     assert seq.loss_sum * scale == pytest.approx(full.item(), rel=1e-5)
     assert got.keys() == want.keys() and want
@@ -62,3 +63,36 @@ def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chu
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     # and no gradient leaked anywhere else (the base stays frozen)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("chunks", [[30], [8, 8, 8, 6], [1, 13, 16]])
+def test_rows_of_a_micro_batch_chunked_together_equal_each_row_alone(smollm2_tokenizer, chunks):
+    """Rows of different lengths, right-padded and chunked together (the same positions of every row
+    in one call), give the summed loss and the LoRA gradients of each row's own full forward/backward
+    without its padding."""
+    model = _lora_model(smollm2_tokenizer, "sdpa")
+    g = torch.Generator().manual_seed(1)
+    lengths, width = [30, 17, 1 + 8, 24], sum(chunks)
+    ids = torch.randint(0, len(smollm2_tokenizer), (len(lengths), width), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # prompts without loss
+    for r, n in enumerate(lengths):  # padding: a token no real position may see, and no loss
+        ids[r, n:], labels[r, n:] = smollm2_tokenizer.pad_token_id or 0, IGNORE
+    scale = 1 / 50.0
+
+    full = sum(token_loss_sum(model(input_ids=ids[r, None, :n]).logits, labels[r, None, :n]) * scale
+               for r, n in enumerate(lengths))
+    full.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    seq = ChunkedSequence(model, ids, labels, scale, lengths)
+    with torch.no_grad():  # as on the engine thread
+        done = sum(seq.forward(n) for n in chunks)
+        assert done == sum(lengths)  # padding is not counted as trained tokens
+        while not seq.done:
+            seq.backward()
+    assert seq.loss_sum * scale == pytest.approx(full.item(), rel=1e-5)
+    got = _grads(model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,6 +1,12 @@
-"""Token-level fine-tuning: one training sequence through the model in chunks of tokens, forward
-and backward, so that its work can be spread over engine iterations (FlexLLM's token-level
+"""Token-level fine-tuning: training sequences through the model in chunks of tokens, forward
+and backward, so that their work can be spread over engine iterations (FlexLLM's token-level
 fine-tuning; FlexLLM splits the backward by layers, we split it by the same token chunks).
+
+A chunk covers the same positions [s, e) of every row of a group (a micro-batch's rows, right-padded
+to the longest): one model call per chunk whatever the number of rows, because on a CPU a forward
+call pays a large fixed cost (reading every weight once) that several rows share. Right padding
+needs no attention mask: a real token attends only to earlier positions, which are real too; the
+padded positions carry no loss.
 
 Forward of chunk k (tokens [s, e)): the model runs those tokens with a KV cache that holds the
 keys/values of chunks 0..k-1 as *leaves* (detached copies that require grad) and returns the
@@ -14,7 +20,7 @@ the chunk graph, taken in reverse topological order); tests/test_serving_chunked
 and gradients against a full-sequence forward/backward.
 
 Memory: each chunk's attention saves the keys/values of its whole prefix, so a sequence of L tokens
-in chunks of c saves about L^2/(2c) positions per layer instead of L.
+in chunks of c saves about L^2/(2c) positions per layer (and row) instead of L.
 """
 from __future__ import annotations
 
@@ -38,13 +44,17 @@ class _Chunk:
 
 
 class ChunkedSequence:
-    """One sequence (1-D `input_ids`, `labels` with -100 where there is no loss) whose loss,
-    multiplied by `scale`, is backpropagated chunk by chunk."""
+    """Sequences (`input_ids` [rows, length] right-padded, or one 1-D sequence; `labels` alike with
+    -100 where there is no loss) whose summed loss, multiplied by `scale`, is backpropagated chunk
+    by chunk. `lengths`: each row's real tokens (default: all)."""
 
-    def __init__(self, model, input_ids: torch.Tensor, labels: torch.Tensor, scale: float):
+    def __init__(self, model, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
+                 lengths: list[int] | None = None):
         self.model, self.scale = model, scale
-        self.input_ids = input_ids
-        self.targets = F.pad(labels, (0, 1), value=IGNORE)[1:]  # the token each position predicts
+        self.input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        labels = labels if labels.dim() == 2 else labels[None]
+        self.targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # the token each position predicts
+        self.lengths = list(lengths) if lengths is not None else [self.input_ids.shape[1]] * self.rows
         self.position = 0  # tokens forwarded so far
         self.chunks: list[_Chunk] = []  # forwarded, not yet backpropagated
         self.loss_sum = 0.0  # unscaled summed loss of the forwarded chunks
@@ -52,7 +62,15 @@ class ChunkedSequence:
         self._cache_kwarg = kv.cache_kwarg(model)
 
     def __len__(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def real_tokens(self, start: int, end: int) -> int:
+        """Tokens of positions [start, end) that are not padding, over all rows."""
+        return sum(max(0, min(end, n) - start) for n in self.lengths)
 
     @property
     def to_forward(self) -> int:
@@ -66,28 +84,34 @@ class ChunkedSequence:
         c = self.chunks[-1]
         return c.end - c.start, c.start
 
-    def forward(self, n: int) -> None:
+    def forward(self, n: int) -> int:
+        """Forward the next n positions of every row; returns the real (not padding) tokens done."""
         start, end = self.position, min(self.position + n, len(self))
-        if self.chunks:
-            past = [(torch.cat([c.leaves[i][0] for c in self.chunks], dim=-2),
-                     torch.cat([c.leaves[i][1] for c in self.chunks], dim=-2)) for i in range(len(self.chunks[0].leaves))]
-            cache = kv.cache_from(self._config, past)
-        else:
-            cache = kv.new_cache(self._config)
+        # all of it in the graph (the engine runs with autograd off): the past joined from the
+        # earlier chunks' leaves, the model call, the loss
         with torch.enable_grad():
-            out = self.model(input_ids=self.input_ids[None, start:end],
-                             position_ids=torch.arange(start, end)[None], use_cache=True,
+            if self.chunks:
+                past = [(torch.cat([c.leaves[i][0] for c in self.chunks], dim=-2),
+                         torch.cat([c.leaves[i][1] for c in self.chunks], dim=-2))
+                        for i in range(len(self.chunks[0].leaves))]
+                cache = kv.cache_from(self._config, past)
+            else:
+                cache = kv.new_cache(self._config)
+            out = self.model(input_ids=self.input_ids[:, start:end],
+                             position_ids=torch.arange(start, end).expand(self.rows, -1), use_cache=True,
                              **{self._cache_kwarg: cache})
-            loss = next_token_loss_sum(out.logits, self.targets[None, start:end])
+            loss = next_token_loss_sum(out.logits, self.targets[:, start:end])
+            scaled = loss * self.scale
+            computed = kv.tail(cache, end - start)  # slices of graph tensors: graph tensors too
         del out
-        computed = kv.tail(cache, end - start)
         # a K/V that no trainable weight reaches (layer 0's k_proj without LoRA) stays a plain
         # tensor: no gradient has to flow back into it
         leaves = [(k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
                   for k, v in computed]
-        self.chunks.append(_Chunk(start, end, loss * self.scale, computed, leaves))
+        self.chunks.append(_Chunk(start, end, scaled, computed, leaves))
         self.loss_sum += float(loss.detach())
         self.position = end
+        return self.real_tokens(start, end)
 
     def backward(self) -> None:
         """Backpropagate the last chunk not yet backpropagated (call after the forward is complete)."""

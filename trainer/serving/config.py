@@ -34,8 +34,13 @@ class ServingConfig(BaseModel):
     publish_every: int = Field(10, ge=1, description="optimizer steps between adapter versions published to serving")
     ft_chunk_tokens: int = Field(256, ge=1, description="most tokens of one fine-tuning forward chunk")
     ft_min_chunk: int = Field(8, ge=1, description="smallest forward chunk worth running (unless the sequence ends)")
+    tpot_window: int = Field(8, ge=1, description="decode iterations may bank the budget they leave unused for one "
+                             "later fine-tuning unit, up to (tpot_window - 1) iterations' budget: over any n decode "
+                             "iterations the time stays within n x budget + that bank (1: each iteration within its "
+                             "own budget)")
     ft_idle_budget_ms: Optional[float] = Field(None, gt=0, description="fine-tuning time per iteration when nothing "
-                                               "decodes; default tpot_slo_ms (bounds a new request's wait)")
+                                               "decodes (bounds a new request's wait for the unit in progress); "
+                                               "default tpot_slo_ms x tpot_window")
     ft_max_wait_iters: int = Field(8, ge=0, description="after this many iterations without fine-tuning work, run one "
                                    "unit anyway (bounds starvation under overload; 0: never)")
     jobs_dir: str = Field("runs/serve-jobs", description="where jobs submitted over HTTP keep their runs and records")

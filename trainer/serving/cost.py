@@ -5,7 +5,8 @@ Three kinds of work are timed apart, each by its own model:
 - `inference`: one iteration's decode step and prefill chunks:
   1, decode rows, decode context (thousands of cached positions), prefill tokens, prefill
   tokens x their context (thousands)
-- `ft_forward`: one fine-tuning forward chunk: 1, tokens, tokens x past (thousands)
+- `ft_forward`: one fine-tuning forward chunk: 1, tokens, tokens x their context (thousands), tokens
+  counted over the chunk's rows
 - `ft_backward`: the backward of one such chunk: same features
 Each is refitted by ridge least squares over its recent observations (so it follows the machine's
 load), shrunk toward a prior that errs on the slow side; coefficients are clamped non-negative. Everything is
@@ -29,8 +30,9 @@ def inference_features(decode_rows: int, decode_ctx: int, prefill: list[tuple[in
             sum(n * (past + n / 2) for n, past in prefill) / 1000]
 
 
-def finetune_features(tokens: int, past: int) -> list[float]:
-    return [1.0, float(tokens), tokens * (past + tokens / 2) / 1000]
+def finetune_features(tokens: int, past: int, rows: int = 1) -> list[float]:
+    """A chunk of `tokens` positions after `past` ones, in each of `rows` sequences."""
+    return [1.0, float(rows * tokens), rows * tokens * (past + tokens / 2) / 1000]
 
 
 class LinearCost:

@@ -11,8 +11,9 @@ One iteration (`step`):
    decoding request (one batch, each row with its own adapter, left-padded KV cache), then the
    prefill chunks (each request with its own cache; a finished prompt's cache joins the batch);
    tokens go out to their clients as soon as they are sampled;
-3. give the fine-tuning job what is left of the iteration's time budget, unit by unit
-   (`scheduler.choose_ft_unit`); each unit's measured time updates the cost model.
+3. give the fine-tuning job what is left of the iteration's time budget and the budget earlier
+   decode iterations banked, unit by unit (`scheduler.choose_ft_unit`); each unit's measured time
+   updates the cost model.
 Time comes from an injectable `clock`; how long a unit took from an injectable `meter` (tests
 replace both with a simulation, so no test depends on wall time).
 """
@@ -54,6 +55,7 @@ class IterationStats:
     inference_s: float = 0.0
     ft_s: float = 0.0
     ft_forced: bool = False
+    ft_bank_s: float = 0.0  # banked decode budget after this iteration (scheduler.py)
     waiting: int = 0
     units: list = field(default_factory=list)  # (kind, tokens, predicted s, measured s)
 
@@ -83,6 +85,7 @@ class Engine:
         self.job = None  # the CoservedJob training now
         self.job_hooks: dict = {}  # callbacks of the job's owner: on_end(job)
         self.ft_waited = 0
+        self.ft_bank = 0.0  # seconds of decode budget banked for fine-tuning (scheduler.py)
         self.iterations = 0
         self._inbox: deque = deque()
         self._lock = threading.Lock()
@@ -169,7 +172,12 @@ class Engine:
         self._stopped.set()
 
     def step(self) -> IterationStats | None:
-        """One iteration; None when there was nothing to do."""
+        """One iteration; None when there was nothing to do. Runs with autograd off, on the engine
+        thread and in tests alike: fine-tuning units turn it on for what they train."""
+        with torch.no_grad():
+            return self._step()
+
+    def _step(self) -> IterationStats | None:
         self._take_inbox()
         job_work = self.job is not None and self.job.active
         if not (self.waiting or self.prefilling or self.decoding or job_work):
@@ -185,11 +193,16 @@ class Engine:
             self._admit(request)
         if plan.tokens:
             features = plan.features()
-            with torch.no_grad():  # not inference_mode: its tensors could never meet a training graph
-                stats.inference_s = self.meter("inference", features, lambda: self._infer(plan))
+            # no_grad (step), not inference_mode: its tensors could never meet a training graph
+            stats.inference_s = self.meter("inference", features, lambda: self._infer(plan))
             self.cost.inference.observe(features, stats.inference_s)
         if self.job is not None and self.job.active:
             self._finetune(plan, stats)
+        # bank what this decode iteration left of its budget (or owe what it overran), within
+        # one bank either way; nothing carries over an idle iteration
+        bank = self.limits.bank_s
+        self.ft_bank = min(bank, max(-bank, self.ft_bank + plan.time_budget - stats.seconds)) if plan.decode_rows else 0.0
+        stats.ft_bank_s = self.ft_bank
         if self.metrics:
             self.metrics.on_iteration(self, stats)
         if self._log:
@@ -348,9 +361,11 @@ class Engine:
 
     def _finetune(self, plan, stats: IterationStats) -> None:
         job = self.job
-        time_left = plan.time_budget - stats.inference_s
+        bank = self.ft_bank if plan.decode_rows else 0.0
+        time_left = plan.time_budget - stats.inference_s + bank
         tokens_left = self.limits.max_batch_tokens - plan.tokens
-        ft_share = max(plan.time_budget - plan.predicted, 0.0)
+        # the most a later iteration can give one backward: its own share and a full bank
+        ft_share = max(plan.time_budget - plan.predicted, 0.0) + (self.limits.bank_s if plan.decode_rows else 0.0)
         forced = self.limits.ft_max_wait_iters > 0 and self.ft_waited >= self.limits.ft_max_wait_iters
         ran = 0
         try:
@@ -363,10 +378,11 @@ class Engine:
                 if unit is None:
                     break
                 kind, tokens = unit
-                features = finetune_features(tokens, pending.past)
+                features = finetune_features(tokens, pending.past, pending.rows)
                 model = {"forward": self.cost.ft_forward, "backward": self.cost.ft_backward}.get(kind)
                 predicted = model.predict(features) if model else 0.0
-                seconds = self.meter("ft_" + kind, features, lambda: job.run(kind, tokens))
+                done = []
+                seconds = self.meter("ft_" + kind, features, lambda: done.append(job.run(kind, tokens)))
                 if model:
                     model.observe(features, seconds)
                 stats.units.append((kind, tokens, round(predicted, 5), round(seconds, 5)))
@@ -375,10 +391,10 @@ class Engine:
                 time_left -= seconds
                 stats.ft_s += seconds
                 if kind == "forward":
-                    stats.ft_forward_tokens += tokens
-                    tokens_left -= tokens
+                    stats.ft_forward_tokens += done[0]  # real tokens, padding not counted
+                    tokens_left -= tokens * pending.rows
                 elif kind == "backward":
-                    stats.ft_backward_tokens += tokens
+                    stats.ft_backward_tokens += tokens * pending.rows
                 else:
                     stats.ft_steps += 1
         except Exception as exc:  # a failing job must not take serving down
@@ -406,7 +422,7 @@ class Engine:
                "prefill_tokens": s.prefill_tokens, "ft_forward_tokens": s.ft_forward_tokens,
                "ft_backward_tokens": s.ft_backward_tokens, "ft_steps": s.ft_steps, "waiting": s.waiting,
                "budget_s": round(s.budget_s, 4), "predicted_inference_s": round(s.predicted_inference_s, 5),
-               "inference_s": round(s.inference_s, 5), "ft_s": round(s.ft_s, 5), "ft_forced": s.ft_forced,
+               "inference_s": round(s.inference_s, 5), "ft_s": round(s.ft_s, 5), "ft_forced": s.ft_forced, "ft_bank_s": round(s.ft_bank_s, 5),
                "units": s.units}
         if s.index % 100 == 0:
             row["cost_model"] = self.cost.coefficients()

@@ -4,12 +4,13 @@ It is the trainer's own job: `trainer.job` builds its parts (data, task, optimiz
 optimizer steps (LR schedule, loss normalisation by the step's loss units, clipping, method hook),
 `trainer.loop` opens its run directory and writes its checkpoints, and `trainer.export` its final
 adapter, so a co-served run directory is a `train.py` run directory (`train.resume=auto` resumes it
-either way). What differs is only how a step's gradients are computed: sequence by sequence, in
-token chunks (`chunked.ChunkedSequence`), each chunk a unit the scheduler places in an iteration.
+either way). What differs is only how a step's gradients are computed: micro-batch by micro-batch,
+in token chunks (`chunked.ChunkedSequence`), each chunk a unit the scheduler places in an iteration.
 The result equals `train.py`'s step (tests/test_serving_finetune.py).
 
-Units (`pending()` says which is next): "forward" n tokens of the current sequence, "backward" its
-last forwarded chunk, "step" the optimizer step once every sequence of the step is through.
+Units (`pending()` says which is next): "forward" n positions of the current micro-batch's rows,
+"backward" its last forwarded chunk, "step" the optimizer step once every micro-batch of the step is
+through.
 """
 from __future__ import annotations
 
@@ -132,25 +133,28 @@ class CoservedJob:
         while self._current is None or self._current.done:
             self._current = None
             if self._samples:
-                ids, labels = self._samples.popleft()
-                self._current = ChunkedSequence(self.model, ids, labels, 1.0 / max(self._step_units, 1))
+                ids, labels, lengths = self._samples.popleft()
+                self._current = ChunkedSequence(self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths)
             elif self._in_step:
                 return Pending("step")
             else:
                 self._begin_step()
         current = self._current
         if current.to_forward:
-            return Pending("forward", current.to_forward, current.position)
+            return Pending("forward", current.to_forward, current.position, current.rows)
         tokens, past = current.next_backward
-        return Pending("backward", tokens, past)
+        return Pending("backward", tokens, past, current.rows)
 
-    def run(self, kind: str, tokens: int = 0) -> None:
+    def run(self, kind: str, tokens: int = 0) -> int:
+        """Run one unit (`tokens`: positions of every row, for a forward); returns the real tokens
+        a forward did (0 for the other units)."""
         if kind == "forward":
-            self._forward(tokens)
-        elif kind == "backward":
+            return self._forward(tokens)
+        if kind == "backward":
             self._current.backward()
         else:
             self._optimizer_step()
+        return 0
 
     # ---- units ----------------------------------------------------------------------------
     def _begin_step(self) -> None:
@@ -161,28 +165,30 @@ class CoservedJob:
         set_step_lr(self.job, self.step)
         self._step_units = step_units(self.job, micro)
         for mb in micro:  # right-padded rows: each row's real tokens are its first mask.sum() positions
-            for ids, labels, mask in zip(mb["input_ids"], mb["labels"], mb["attention_mask"]):
-                n = int(mask.sum())
-                if (labels[1:n] != -100).any():  # a row without loss tokens adds nothing to the gradient
-                    self._samples.append((ids[:n], labels[:n]))
+            lengths = [int(n) for n in mb["attention_mask"].sum(1)]
+            # a row without loss tokens adds nothing to the gradient
+            keep = [r for r, n in enumerate(lengths) if (mb["labels"][r, 1:n] != -100).any()]
+            if keep:  # the micro-batch's rows go through the chunks together, trimmed to the longest
+                width = max(lengths[r] for r in keep)
+                self._samples.append((mb["input_ids"][keep, :width], mb["labels"][keep, :width],
+                                      [lengths[r] for r in keep]))
         self._in_step, self._step_loss, self._step_tokens = True, 0.0, 0
         self._step_began = self.clock()
 
-    def _forward(self, tokens: int) -> None:
+    def _forward(self, tokens: int) -> int:
         current = self._current
-        before = current.position
         if self._train_mode:
             self.model.train()
         try:
-            current.forward(tokens)
+            done = current.forward(tokens)
         finally:
             if self._train_mode:
                 self.model.eval()
-        done = current.position - before
         self._step_tokens += done
         self.trained_tokens += done
         if not current.to_forward:
             self._step_loss += current.loss_sum
+        return done
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train

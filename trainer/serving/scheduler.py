@@ -7,12 +7,17 @@ Policy, in priority order:
    allows by the cost model, at most `prefill_chunk` tokens; the first chunk of an iteration
    always advances by at least `prefill_min_chunk` tokens, so prompts progress under any load.
 3. Fine-tuning gets what is left of the time budget, one unit at a time (`choose_ft_unit`): a
-   forward chunk sized so that both it fits now and its backward fits a whole iteration's
-   fine-tuning share; a backward chunk when it fits; the optimizer step whenever it is due.
+   forward chunk (the same positions of every row of a micro-batch) sized so that both it fits
+   now and its backward fits a whole iteration's fine-tuning share; a backward chunk when it fits; the optimizer step whenever it is due.
    When nothing fits for `ft_max_wait_iters` iterations in a row, one unit runs anyway.
-The time budget of an iteration is `(1 - slo_margin) * tpot_slo_ms` when requests are decoding
-(an iteration is one output token for each of them), else `ft_idle_budget_ms` (how long a new
-request may wait for the iteration in progress). Tokens of one iteration (decode rows, prefill,
+The time budget of an iteration is `(1 - slo_margin) * tpot_slo_ms` when requests are in the
+engine (an iteration is one output token for each decoding request), else `ft_idle_budget_ms` (how
+long a new request may wait for the iteration in progress).
+The bank: what decode iterations leave of their budget is banked (up to `bank_s`, tpot_window - 1
+budgets) and fine-tuning may spend it in a later iteration. A forward call has a large fixed cost
+on a CPU (every weight is read once), so the few milliseconds one decode iteration leaves fit no
+useful chunk, while a bank of several fits one; the time of any run of n decode iterations stays
+within n budgets plus the bank, so a request's TPOT holds on average (tests/test_serving_scheduler.py). Tokens of one iteration (decode rows, prefill,
 fine-tuning forward) never exceed `max_batch_tokens`.
 """
 from __future__ import annotations
@@ -35,10 +40,13 @@ class Limits:
     ft_min_chunk: int
     ft_max_wait_iters: int
 
+    bank_s: float = 0.0  # the most unused decode budget fine-tuning may bank for a later unit
+
     @classmethod
     def from_config(cls, s) -> "Limits":
-        idle = s.ft_idle_budget_ms if s.ft_idle_budget_ms is not None else s.tpot_slo_ms
-        return cls(budget_s=s.tpot_slo_ms * (1 - s.slo_margin) / 1000, idle_budget_s=idle / 1000,
+        idle = s.ft_idle_budget_ms if s.ft_idle_budget_ms is not None else s.tpot_slo_ms * s.tpot_window
+        budget = s.tpot_slo_ms * (1 - s.slo_margin) / 1000
+        return cls(budget_s=budget, idle_budget_s=idle / 1000, bank_s=budget * (s.tpot_window - 1),
                    max_batch_tokens=s.max_batch_tokens, prefill_chunk=s.prefill_chunk,
                    prefill_min_chunk=min(16, s.prefill_chunk), max_running=s.max_running,
                    ft_chunk_tokens=s.ft_chunk_tokens, ft_min_chunk=s.ft_min_chunk,
@@ -64,12 +72,14 @@ class InferencePlan:
 
 @dataclass(frozen=True)
 class Pending:
-    """The fine-tuning job's next unit of work: "forward" (tokens left in the sequence),
-    "backward" (tokens of the chunk), or "step" (the optimizer step is due); `past` is how many
-    positions of the sequence come before the tokens."""
+    """The fine-tuning job's next unit of work: "forward" (positions left in the sequences),
+    "backward" (positions of the chunk), or "step" (the optimizer step is due); `past` is how many
+    positions come before them; `rows`: sequences that go through those positions together (a
+    unit of n positions is rows x n tokens)."""
     kind: str
     tokens: int = 0
     past: int = 0
+    rows: int = 1
 
 
 def largest(fits: Callable[[int], bool], cap: int) -> int:
@@ -89,7 +99,8 @@ def plan_inference(decode_rows: int, decode_ctx: int, prefilling: list[tuple[Has
     """`prefilling`: (request, prompt tokens left, tokens prefilled) of requests holding a slot;
     `waiting`: (request, prompt tokens) in arrival order."""
     plan = InferencePlan(decode_rows, decode_ctx)
-    plan.time_budget = limits.budget_s if decode_rows else limits.idle_budget_s
+    # a prompt in the engine waits for its first token: only an empty engine gives fine-tuning the idle budget
+    plan.time_budget = limits.budget_s if decode_rows or prefilling or waiting else limits.idle_budget_s
     free_slots = limits.max_running - decode_rows - len(prefilling)
     candidates = list(prefilling) + [(key, n, 0) for key, n in waiting[:max(free_slots, 0)]]
     started = {key for key, _, _ in prefilling}
@@ -123,17 +134,18 @@ def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_shar
     nothing fits (starvation bound)."""
     if pending.kind == "step":
         return "step", 0
-    if pending.kind == "forward":
-        cap = min(pending.tokens, limits.ft_chunk_tokens, max(tokens_left, 0))
+    rows = pending.rows
+    if pending.kind == "forward":  # sizes in positions; limits in tokens (rows x positions)
+        cap = min(pending.tokens, max(limits.ft_chunk_tokens // rows, 1), max(tokens_left, 0) // rows)
 
         def fits(n: int) -> bool:
-            feats = finetune_features(n, pending.past)
+            feats = finetune_features(n, pending.past, rows)
             return cost.ft_forward.predict(feats) <= time_left and cost.ft_backward.predict(feats) <= ft_share
 
         n = largest(fits, cap)
-        need = min(limits.ft_min_chunk, pending.tokens)
+        need = min(-(-limits.ft_min_chunk // rows), pending.tokens)
         if n >= need:
             return "forward", n
         return ("forward", need) if forced else None
-    fits_now = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past)) <= time_left
+    fits_now = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past, rows)) <= time_left
     return ("backward", pending.tokens) if fits_now or forced else None
