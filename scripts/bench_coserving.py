@@ -320,6 +320,8 @@ def run(args) -> None:
         cells.append(("finetune", 0.0))
     for i, rate in enumerate(rates):
         kinds = [k for k in (order if i % 2 == 0 else order[::-1]) if k in args.cells]
+        if args.slo_vs_inference:  # the co-serving cell's target comes from the inference-only cell
+            kinds.sort(key=lambda k: k != "inference")
         cells += [(k, rate) for k in kinds]
     for kind, rate in cells:
         name = f"{kind}@{rate:g}" if kind != "finetune" else "finetune"
@@ -328,15 +330,20 @@ def run(args) -> None:
             continue
         load = uptime()
         began = time.perf_counter()
+        slo_ms = args.tpot_slo_ms
+        if kind == "coserve" and args.slo_vs_inference:
+            slo_ms = round(args.slo_vs_inference * results[f"inference@{rate:g}"]["tpot_p50"] * 1000, 1)
         if kind == "generate":
             row = generate_cell(model, tokenizer, rate, args.duration, args.seed)
         else:
-            row, model = engine_cell(model, tokenizer, cfg, kind, rate, args.duration, args.seed, args.every)
+            cell_cfg = cfg if slo_ms == args.tpot_slo_ms else make_cfg(
+                tmp + "/job", [f"serving.tpot_slo_ms={slo_ms}", f"serving.max_running={args.max_running}"])
+            row, model = engine_cell(model, tokenizer, cell_cfg, kind, rate, args.duration, args.seed, args.every)
         if kind == "finetune":
             row["peak"] = peak_cell(make_cfg(tmp + "/peak", []), tokenizer, args.duration / 2)
             model = load_model(cfg.model, tokenizer).eval()  # peak_cell trained its own copy
         row.update(kind=kind, rate=rate, duration=args.duration, uptime_before=load,
-                   wall_s=round(time.perf_counter() - began, 1), tpot_slo_ms=args.tpot_slo_ms, every=args.every,
+                   wall_s=round(time.perf_counter() - began, 1), tpot_slo_ms=slo_ms, every=args.every,
                    threads=args.threads)
         results[name] = row
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,18 +357,22 @@ def report(path: Path, plot: Path | None) -> None:
     base_ft, peak = ft.get("ft_tokens_per_s"), (ft.get("peak") or {}).get("ft_tokens_per_s")
     rates = sorted({r["rate"] for r in results.values() if r["kind"] != "finetune"})
     print(f"fine-tuning alone: engine {base_ft} tok/s, train_step {peak} tok/s")
-    print("| rate (req/s) | cell | TPOT p50 (s) | TPOT p99 (s) | TTFT p50 (s) | out tok/s | FT tok/s | FT kept vs (b) | TPOT p50 vs (a) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rate (req/s) | cell | TPOT target (ms) | TPOT p50 (s) | TPOT p99 (s) | TTFT p50 (s) | out tok/s | FT tok/s "
+          "| FT kept vs (b) | FT kept vs train_step | TPOT p50 vs (a) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         inf = results.get(f"inference@{rate:g}", {})
         for kind in ("inference", "coserve", "timeshare", "generate"):
             r = results.get(f"{kind}@{rate:g}")
             if not r:
                 continue
-            kept = f"{r['ft_tokens_per_s'] / base_ft:.2f}" if base_ft and "ft_tokens_per_s" in r and kind != "inference" else ""
+            trains = "ft_tokens_per_s" in r and kind != "inference"
+            kept = f"{r['ft_tokens_per_s'] / base_ft:.2f}" if base_ft and trains else ""
+            kept_peak = f"{r['ft_tokens_per_s'] / peak:.2f}" if peak and trains else ""
             vs = f"{r['tpot_p50'] / inf['tpot_p50']:.2f}" if inf.get("tpot_p50") and r.get("tpot_p50") else ""
-            print(f"| {rate:g} | {kind} | {r['tpot_p50']} | {r['tpot_p99']} | {r['ttft_p50']} | "
-                  f"{r['output_tokens_per_s']} | {r.get('ft_tokens_per_s', '') if kind != 'inference' else ''} | {kept} | {vs} |")
+            target = r["tpot_slo_ms"] if kind == "coserve" else ""
+            print(f"| {rate:g} | {kind} | {target} | {r['tpot_p50']} | {r['tpot_p99']} | {r['ttft_p50']} | "
+                  f"{r['output_tokens_per_s']} | {r['ft_tokens_per_s'] if trains else ''} | {kept} | {kept_peak} | {vs} |")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -372,8 +383,8 @@ def report(path: Path, plot: Path | None) -> None:
             if xs:
                 ax1.plot(xs, [results[f"{kind}@{r:g}"]["tpot_p50"] for r in xs], style, label=f"{kind} p50")
                 ax1.plot(xs, [results[f"{kind}@{r:g}"]["tpot_p99"] for r in xs], style, alpha=0.4, label=f"{kind} p99")
-        slo = next(iter(results.values()))["tpot_slo_ms"] / 1000
-        ax1.axhline(slo, color="gray", ls=":", label="TPOT target")
+        xs = [r for r in rates if f"coserve@{r:g}" in results]
+        ax1.plot(xs, [results[f"coserve@{r:g}"]["tpot_slo_ms"] / 1000 for r in xs], "k:", label="co-serving TPOT target")
         ax1.set_yscale("log"), ax1.set_xlabel("request rate (req/s)"), ax1.set_ylabel("TPOT (s)")
         ax1.legend(fontsize=7)
         for kind, style in (("coserve", "s-"), ("timeshare", "^-")):
@@ -397,6 +408,9 @@ def main() -> None:
     p.add_argument("--cells", default="finetune,inference,coserve,timeshare,generate")
     p.add_argument("--every", type=int, default=16, help="timeshare: a whole step every N iterations")
     p.add_argument("--tpot-slo-ms", type=float, default=200)
+    p.add_argument("--slo-vs-inference", type=float, default=None,
+                   help="co-serving cell: serving.tpot_slo_ms = this x the inference-only cell's TPOT p50 at "
+                        "the same rate (the target a user sets from the latency they accept)")
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)

@@ -148,7 +148,8 @@ def test_engine_holds_the_budget_and_gives_finetuning_the_rest(tmp_path, smollm2
     within its own budget. Fine-tuning uses what is left."""
     sim = SimTime(TRUE)
     h = Harness(smollm2_tokenizer, tmp_path / "run", "serving.tpot_slo_ms=100", "serving.slo_margin=0.1",
-                f"serving.tpot_window={window}", "serving.ft_chunk_tokens=64", "train.max_steps=50",
+                f"serving.tpot_window={window}", "serving.ft_chunk_tokens=64", "serving.ft_max_wait_iters=8",
+                "train.max_steps=50",
                 cost=CostModel.default(), clock=sim.now, meter=sim.meter)
     rows = _run(h, sim, clients=3, iterations=160)
     learned = rows[40:]  # the cost model has seen the machine by now

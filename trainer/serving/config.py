@@ -32,17 +32,18 @@ class ServingConfig(BaseModel):
     default_max_tokens: int = Field(256, ge=1, description="completion length when a chat request gives no max_tokens")
     finetune: bool = Field(False, description="train the config's own job (model/data/adapter/optim/train) while serving")
     publish_every: int = Field(10, ge=1, description="optimizer steps between adapter versions published to serving")
-    ft_chunk_tokens: int = Field(256, ge=1, description="most tokens of one fine-tuning forward chunk")
+    ft_chunk_tokens: int = Field(1024, ge=1, description="most tokens (rows x positions) of one fine-tuning forward chunk")
     ft_min_chunk: int = Field(8, ge=1, description="smallest forward chunk worth running (unless the sequence ends)")
     tpot_window: int = Field(8, ge=1, description="decode iterations may bank the budget they leave unused for one "
                              "later fine-tuning unit, up to (tpot_window - 1) iterations' budget: over any n decode "
                              "iterations the time stays within n x budget + that bank (1: each iteration within its "
                              "own budget)")
-    ft_idle_budget_ms: Optional[float] = Field(None, gt=0, description="fine-tuning time per iteration when nothing "
-                                               "decodes (bounds a new request's wait for the unit in progress); "
-                                               "default tpot_slo_ms x tpot_window")
-    ft_max_wait_iters: int = Field(8, ge=0, description="after this many iterations without fine-tuning work, run one "
-                                   "unit anyway (bounds starvation under overload; 0: never)")
+    ft_idle_budget_ms: float = Field(1000.0, gt=0, description="fine-tuning time per iteration when no request is in "
+                                     "the engine: a request that arrives then waits up to about this long for the "
+                                     "unit in progress (larger units train faster on a CPU)")
+    ft_max_wait_iters: int = Field(0, ge=0, description="after this many iterations without fine-tuning work, run one "
+                                   "unit anyway, over the TPOT target (guarantees progress under overload; 0: never, "
+                                   "the target always comes first)")
     jobs_dir: str = Field("runs/serve-jobs", description="where jobs submitted over HTTP keep their runs and records")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish at shutdown")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; default: torch's")

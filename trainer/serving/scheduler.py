@@ -9,7 +9,7 @@ Policy, in priority order:
 3. Fine-tuning gets what is left of the time budget, one unit at a time (`choose_ft_unit`): a
    forward chunk (the same positions of every row of a micro-batch) sized so that both it fits
    now and its backward fits a whole iteration's fine-tuning share; a backward chunk when it fits; the optimizer step whenever it is due.
-   When nothing fits for `ft_max_wait_iters` iterations in a row, one unit runs anyway.
+   When nothing fits for `ft_max_wait_iters` iterations in a row (if set), one unit runs anyway.
 The time budget of an iteration is `(1 - slo_margin) * tpot_slo_ms` when requests are in the
 engine (an iteration is one output token for each decoding request), else `ft_idle_budget_ms` (how
 long a new request may wait for the iteration in progress).
@@ -44,9 +44,8 @@ class Limits:
 
     @classmethod
     def from_config(cls, s) -> "Limits":
-        idle = s.ft_idle_budget_ms if s.ft_idle_budget_ms is not None else s.tpot_slo_ms * s.tpot_window
         budget = s.tpot_slo_ms * (1 - s.slo_margin) / 1000
-        return cls(budget_s=budget, idle_budget_s=idle / 1000, bank_s=budget * (s.tpot_window - 1),
+        return cls(budget_s=budget, idle_budget_s=s.ft_idle_budget_ms / 1000, bank_s=budget * (s.tpot_window - 1),
                    max_batch_tokens=s.max_batch_tokens, prefill_chunk=s.prefill_chunk,
                    prefill_min_chunk=min(16, s.prefill_chunk), max_running=s.max_running,
                    ft_chunk_tokens=s.ft_chunk_tokens, ft_min_chunk=s.ft_min_chunk,
