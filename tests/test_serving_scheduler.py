@@ -72,14 +72,19 @@ def test_finetune_unit_choice_against_brute_force(seed):
     rows = rng.choice([1, 1, 2, 3, 4, 8])
     pending = Pending(kind, rng.randint(1, 150), rng.randint(0, 200), rows)
     time_left, share = rng.uniform(-0.05, 0.2), rng.uniform(0.0, 0.2)
+    if rng.random() < 0.2:  # an iteration that gives fine-tuning all it can
+        time_left = share
     tokens_left, forced = rng.randint(0, 128), rng.random() < 0.2
     unit = choose_ft_unit(pending, time_left, tokens_left, share, COST, LIMITS, forced)
     if kind == "step":
         assert unit == ("step", 0)
         return
+    # a unit too big for any iteration like this one runs only when this one is entirely free
+    whole_share_free = time_left >= share
     if kind == "backward":
-        fits = _ft_seconds(FT_BWD, rows, pending.tokens, pending.past) <= time_left
-        assert unit == (("backward", pending.tokens) if fits or forced else None)
+        seconds = _ft_seconds(FT_BWD, rows, pending.tokens, pending.past)
+        runs = seconds <= time_left or forced or (seconds > share and whole_share_free)
+        assert unit == (("backward", pending.tokens) if runs else None)
         return
     # every chunk of n positions whose rows x n tokens fit the iteration's token limits
     ok = [n for n in range(1, pending.tokens + 1)
@@ -88,11 +93,12 @@ def test_finetune_unit_choice_against_brute_force(seed):
           and _ft_seconds(FT_BWD, rows, n, pending.past) <= share]
     need = min(-(-LIMITS.ft_min_chunk // rows), pending.tokens)  # the fewest positions of ft_min_chunk tokens
     best = max(ok, default=0)
+    never_fits = max(_ft_seconds(FT_FWD, rows, need, pending.past), _ft_seconds(FT_BWD, rows, need, pending.past)) > share
     if best >= need:
         assert unit == ("forward", best)
     else:
-        assert unit == (("forward", need) if forced else None)
-    if time_left <= 0 and not forced:
+        assert unit == (("forward", need) if forced or (never_fits and whole_share_free) else None)
+    if time_left <= 0 and not forced and not whole_share_free:
         assert unit is None
 
 
@@ -185,3 +191,21 @@ def test_overload_starves_finetuning_only_as_configured(tmp_path, smollm2_tokeni
     else:
         assert with_ft and all(s.ft_forced and len(s.units) == 1 for s in with_ft if s.units[0][0] != "step")
         assert len(with_ft) <= len(rows) // (max_wait + 1) + 2
+
+
+def test_units_larger_than_any_budget_still_run_when_an_iteration_is_free(tmp_path, smollm2_tokenizer):
+    """Every fine-tuning unit costs more than the idle budget (a big model on a slow machine) and
+    nothing forces units: the job still finishes, one oversized unit per otherwise empty iteration."""
+    huge = CostModel.fixed([0.01, 0.004, 0.002, 0.0015, 0.0004], [2.0, 0.01, 0.0], [3.0, 0.01, 0.0])
+    sim = SimTime(huge)
+    h = Harness(smollm2_tokenizer, tmp_path / "run", "serving.ft_max_wait_iters=0", cost=huge, clock=sim.now,
+                meter=sim.meter)
+    rows = []
+    for _ in range(2000):
+        stats = h.engine.step()
+        if stats is None:
+            break
+        rows.append(stats)
+    assert h.ended and h.job.status == "succeeded"
+    units = [s.units for s in rows if s.units]
+    assert all(len(u) == 1 or all(kind == "step" for kind, *_ in u[1:]) for u in units)

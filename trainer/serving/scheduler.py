@@ -128,12 +128,15 @@ def plan_inference(decode_rows: int, decode_ctx: int, prefilling: list[tuple[Has
 def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_share: float, cost: CostModel,
                    limits: Limits, forced: bool) -> tuple[str, int] | None:
     """The next fine-tuning unit to run now, or None. `time_left`: seconds of this iteration's
-    budget still free; `ft_share`: the fine-tuning time of a whole iteration like this one (a
-    forward chunk is only as large as its later backward can fit); `forced`: run a unit even if
-    nothing fits (starvation bound)."""
+    budget still free; `ft_share`: the most fine-tuning time an iteration like this one can give
+    (a forward chunk is only as large as its later backward can fit); `forced`: run a unit even if
+    nothing fits (starvation bound). A unit that no iteration can fit (the cost model has grown
+    since its forward was sized, or the smallest chunk is too big for the budget) runs when this
+    iteration gives all it can (`time_left >= ft_share`): otherwise the job would wait for ever."""
     if pending.kind == "step":
         return "step", 0
     rows = pending.rows
+    whole_share_free = time_left >= ft_share
     if pending.kind == "forward":  # sizes in positions; limits in tokens (rows x positions)
         cap = min(pending.tokens, max(limits.ft_chunk_tokens // rows, 1), max(tokens_left, 0) // rows)
 
@@ -145,6 +148,9 @@ def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_shar
         need = min(-(-limits.ft_min_chunk // rows), pending.tokens)
         if n >= need:
             return "forward", n
-        return ("forward", need) if forced else None
-    fits_now = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past, rows)) <= time_left
-    return ("backward", pending.tokens) if fits_now or forced else None
+        feats = finetune_features(need, pending.past, rows)
+        never_fits = max(cost.ft_forward.predict(feats), cost.ft_backward.predict(feats)) > ft_share
+        return ("forward", need) if forced or (never_fits and whole_share_free) else None
+    seconds = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past, rows))
+    runs = seconds <= time_left or forced or (seconds > ft_share and whole_share_free)
+    return ("backward", pending.tokens) if runs else None
