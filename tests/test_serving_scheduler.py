@@ -34,6 +34,7 @@ def test_inference_plan_invariants(seed):
     decode, ctx, prefilling, waiting = _random_state(rng)
     plan = plan_inference(decode, ctx, prefilling, waiting, COST, LIMITS)
     assert plan.time_budget == (LIMITS.budget_s if decode or prefilling or waiting else LIMITS.idle_budget_s)
+    assert plan.idle == (not (decode or prefilling or waiting))
     assert plan.tokens <= LIMITS.max_batch_tokens
     left = {k: n for k, n, _ in prefilling} | {k: n for k, n in waiting}
     for key, n, _ in plan.prefill:
@@ -74,13 +75,13 @@ def test_finetune_unit_choice_against_brute_force(seed):
     time_left, share = rng.uniform(-0.05, 0.2), rng.uniform(0.0, 0.2)
     if rng.random() < 0.2:  # an iteration that gives fine-tuning all it can
         time_left = share
-    tokens_left, forced = rng.randint(0, 128), rng.random() < 0.2
-    unit = choose_ft_unit(pending, time_left, tokens_left, share, COST, LIMITS, forced)
+    tokens_left, forced, idle = rng.randint(0, 128), rng.random() < 0.2, rng.random() < 0.5
+    unit = choose_ft_unit(pending, time_left, tokens_left, share, COST, LIMITS, forced, idle)
     if kind == "step":
         assert unit == ("step", 0)
         return
-    # a unit too big for any iteration like this one runs only when this one is entirely free
-    whole_share_free = time_left >= share
+    # a unit too big for any iteration like this one runs only when an idle iteration is entirely free
+    whole_share_free = idle and time_left >= share
     if kind == "backward":
         seconds = _ft_seconds(FT_BWD, rows, pending.tokens, pending.past)
         runs = seconds <= time_left or forced or (seconds > share and whole_share_free)
@@ -195,7 +196,7 @@ def test_overload_starves_finetuning_only_as_configured(tmp_path, smollm2_tokeni
 
 def test_units_larger_than_any_budget_still_run_when_an_iteration_is_free(tmp_path, smollm2_tokenizer):
     """Every fine-tuning unit costs more than the idle budget (a big model on a slow machine) and
-    nothing forces units: the job still finishes, one oversized unit per otherwise empty iteration."""
+    nothing forces units: the job still finishes, one oversized unit per otherwise empty idle iteration."""
     huge = CostModel.fixed([0.01, 0.004, 0.002, 0.0015, 0.0004], [2.0, 0.01, 0.0], [3.0, 0.01, 0.0])
     sim = SimTime(huge)
     h = Harness(smollm2_tokenizer, tmp_path / "run", "serving.ft_max_wait_iters=0", cost=huge, clock=sim.now,

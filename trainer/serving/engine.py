@@ -374,7 +374,7 @@ class Engine:
                 if pending is None:
                     break
                 unit = choose_ft_unit(pending, time_left, tokens_left, ft_share, self.cost, self.limits,
-                                      forced and ran == 0)
+                                      forced and ran == 0, idle=plan.idle)
                 if unit is None:
                     break
                 kind, tokens = unit

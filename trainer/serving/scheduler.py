@@ -60,6 +60,7 @@ class InferencePlan:
     admit: list[Hashable] = field(default_factory=list)  # waiting requests that start now
     time_budget: float = 0.0
     predicted: float = 0.0
+    idle: bool = False  # no request in the engine: the iteration belongs to fine-tuning
 
     @property
     def tokens(self) -> int:
@@ -99,7 +100,8 @@ def plan_inference(decode_rows: int, decode_ctx: int, prefilling: list[tuple[Has
     `waiting`: (request, prompt tokens) in arrival order."""
     plan = InferencePlan(decode_rows, decode_ctx)
     # a prompt in the engine waits for its first token: only an empty engine gives fine-tuning the idle budget
-    plan.time_budget = limits.budget_s if decode_rows or prefilling or waiting else limits.idle_budget_s
+    plan.idle = not (decode_rows or prefilling or waiting)
+    plan.time_budget = limits.idle_budget_s if plan.idle else limits.budget_s
     free_slots = limits.max_running - decode_rows - len(prefilling)
     candidates = list(prefilling) + [(key, n, 0) for key, n in waiting[:max(free_slots, 0)]]
     started = {key for key, _, _ in prefilling}
@@ -126,17 +128,18 @@ def plan_inference(decode_rows: int, decode_ctx: int, prefilling: list[tuple[Has
 
 
 def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_share: float, cost: CostModel,
-                   limits: Limits, forced: bool) -> tuple[str, int] | None:
+                   limits: Limits, forced: bool, idle: bool = False) -> tuple[str, int] | None:
     """The next fine-tuning unit to run now, or None. `time_left`: seconds of this iteration's
     budget still free; `ft_share`: the most fine-tuning time an iteration like this one can give
     (a forward chunk is only as large as its later backward can fit); `forced`: run a unit even if
     nothing fits (starvation bound). A unit that no iteration can fit (the cost model has grown
-    since its forward was sized, or the smallest chunk is too big for the budget) runs when this
-    iteration gives all it can (`time_left >= ft_share`): otherwise the job would wait for ever."""
+    since its forward was sized, or the smallest chunk is too big for the budget) runs first thing
+    in an `idle` iteration (no request in the engine, `time_left >= ft_share`): otherwise the job
+    would wait for ever; with requests in the engine the TPOT target comes first."""
     if pending.kind == "step":
         return "step", 0
     rows = pending.rows
-    whole_share_free = time_left >= ft_share
+    whole_share_free = idle and time_left >= ft_share
     if pending.kind == "forward":  # sizes in positions; limits in tokens (rows x positions)
         cap = min(pending.tokens, max(limits.ft_chunk_tokens // rows, 1), max(tokens_left, 0) // rows)
 
