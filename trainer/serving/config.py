@@ -33,7 +33,9 @@ class ServingConfig(BaseModel):
     finetune: bool = Field(False, description="train the config's own job (model/data/adapter/optim/train) while serving")
     publish_every: int = Field(10, ge=1, description="optimizer steps between adapter versions published to serving")
     ft_chunk_tokens: int = Field(1024, ge=1, description="most tokens (rows x positions) of one fine-tuning forward chunk")
-    ft_min_chunk: int = Field(8, ge=1, description="smallest forward chunk worth running (unless the sequence ends)")
+    ft_min_chunk: int = Field(128, ge=1, description="fewest tokens (rows x positions) of a forward chunk, unless the "
+                              "sequences end: a model call has a fixed cost (~0.1 s for a 135M model on 2 CPU cores), "
+                              "so smaller chunks spend most of their time on it")
     tpot_window: int = Field(8, ge=1, description="decode iterations may bank the budget they leave unused for one "
                              "later fine-tuning unit, up to (tpot_window - 1) iterations' budget: over any n decode "
                              "iterations the time stays within n x budget + that bank (1: each iteration within its "
