@@ -211,9 +211,10 @@ class TimeShareEngine:
                 job, began = self.job, self.clock()
                 while job.active:
                     pending = job.pending()
-                    done = job.run(pending.kind, pending.tokens)
+                    trained_before = job.trained_tokens
+                    job.run(pending.kind, pending.tokens)
                     if pending.kind == "forward":
-                        stats.ft_forward_tokens += done
+                        stats.ft_forward_tokens += job.trained_tokens - trained_before
                     elif pending.kind == "backward":
                         stats.ft_backward_tokens += pending.tokens * pending.rows
                     else:

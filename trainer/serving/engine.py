@@ -381,8 +381,8 @@ class Engine:
                 features = finetune_features(tokens, pending.past, pending.rows)
                 model = {"forward": self.cost.ft_forward, "backward": self.cost.ft_backward}.get(kind)
                 predicted = model.predict(features) if model else 0.0
-                done = []
-                seconds = self.meter("ft_" + kind, features, lambda: done.append(job.run(kind, tokens)))
+                trained_before = job.trained_tokens
+                seconds = self.meter("ft_" + kind, features, lambda: job.run(kind, tokens))
                 if model:
                     model.observe(features, seconds)
                 stats.units.append((kind, tokens, round(predicted, 5), round(seconds, 5)))
@@ -391,7 +391,7 @@ class Engine:
                 time_left -= seconds
                 stats.ft_s += seconds
                 if kind == "forward":
-                    stats.ft_forward_tokens += done[0]  # real tokens, padding not counted
+                    stats.ft_forward_tokens += job.trained_tokens - trained_before  # real tokens, not padding
                     tokens_left -= tokens * pending.rows
                 elif kind == "backward":
                     stats.ft_backward_tokens += tokens * pending.rows
@@ -422,8 +422,8 @@ class Engine:
                "prefill_tokens": s.prefill_tokens, "ft_forward_tokens": s.ft_forward_tokens,
                "ft_backward_tokens": s.ft_backward_tokens, "ft_steps": s.ft_steps, "waiting": s.waiting,
                "budget_s": round(s.budget_s, 4), "predicted_inference_s": round(s.predicted_inference_s, 5),
-               "inference_s": round(s.inference_s, 5), "ft_s": round(s.ft_s, 5), "ft_forced": s.ft_forced, "ft_bank_s": round(s.ft_bank_s, 5),
-               "units": s.units}
+               "inference_s": round(s.inference_s, 5), "ft_s": round(s.ft_s, 5), "ft_forced": s.ft_forced,
+               "ft_bank_s": round(s.ft_bank_s, 5), "units": s.units}
         if s.index % 100 == 0:
             row["cost_model"] = self.cost.coefficients()
         self._log.write(json.dumps(row) + "\n")

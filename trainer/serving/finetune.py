@@ -145,16 +145,15 @@ class CoservedJob:
         tokens, past = current.next_backward
         return Pending("backward", tokens, past, current.rows)
 
-    def run(self, kind: str, tokens: int = 0) -> int:
-        """Run one unit (`tokens`: positions of every row, for a forward); returns the real tokens
-        a forward did (0 for the other units)."""
+    def run(self, kind: str, tokens: int = 0) -> None:
+        """Run one unit (`tokens`: positions of every row, for a forward); a forward adds its real
+        (not padding) tokens to `trained_tokens`."""
         if kind == "forward":
-            return self._forward(tokens)
-        if kind == "backward":
+            self._forward(tokens)
+        elif kind == "backward":
             self._current.backward()
         else:
             self._optimizer_step()
-        return 0
 
     # ---- units ----------------------------------------------------------------------------
     def _begin_step(self) -> None:
@@ -175,7 +174,7 @@ class CoservedJob:
         self._in_step, self._step_loss, self._step_tokens = True, 0.0, 0
         self._step_began = self.clock()
 
-    def _forward(self, tokens: int) -> int:
+    def _forward(self, tokens: int) -> None:
         current = self._current
         if self._train_mode:
             self.model.train()
@@ -188,7 +187,6 @@ class CoservedJob:
         self.trained_tokens += done
         if not current.to_forward:
             self._step_loss += current.loss_sum
-        return done
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train
