@@ -77,3 +77,19 @@ def test_padded_batches_and_generation_take_transformers_sdpa(monkeypatch):
         assert torch.equal(ours, sdpa) and not calls
         generated = model(NAME).generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, model("sdpa").generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False))
+
+
+def test_tokens_after_a_cached_past_see_the_past():
+    """A chunk of several tokens after a cached past (chunked prefill, a fine-tuning chunk): the
+    logits of one forward over the whole sequence, as with transformers' own SDPA."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(4))
+    m = model(NAME)
+    with torch.no_grad():
+        whole = m(input_ids=ids).logits
+        cache = DynamicCache(config=m.config)
+        first = m(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).logits
+        rest = m(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True,
+                 position_ids=torch.arange(12, 20).expand(2, -1)).logits
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-5)

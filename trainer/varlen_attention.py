@@ -11,8 +11,9 @@ avoids this on CUDA; the CPU has none.
 This implementation runs SDPA once per document, causal and without a mask (the CPU's flash
 kernel then skips the upper triangle and reads K/V through GQA directly). The documents are
 found from the position ids once per forward (every layer receives the same tensor). Batches
-that are not packed (an attention mask, no restart in the positions, decoding with a cache) go to
-transformers' own SDPA path unchanged, so the same model also evaluates and generates.
+that are not packed (an attention mask, no restart in the positions, tokens after a cached past)
+go to transformers' own SDPA path and mask unchanged, so the same model also evaluates, generates
+and serves (chunked prefill).
 
 It is registered with transformers' AttentionInterface (and a mask function that skips building
 the dense mask when there is no padding mask) on import, so `from_pretrained(...,
@@ -22,6 +23,7 @@ gradients against transformers' SDPA and eager attention on packed batches.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import weakref
 
 import torch
@@ -97,9 +99,16 @@ def packed_attention(mixed_precision: str = "no") -> str:
     return NAME
 
 
+_MASK_ARGS = inspect.signature(sdpa_mask)
+
+
 def varlen_mask(*args, attention_mask=None, **kwargs):
-    """No dense mask when there is no padding mask: the attention finds the documents itself."""
-    if attention_mask is None:
+    """No dense mask when there is no padding mask and the queries are all the keys (no cached
+    past): the attention finds the documents itself. Queries after a cached past (a prefill or a
+    fine-tuning chunk continuing a sequence) need transformers' mask: without one SDPA's causal
+    flag would align the queries with the first keys instead of the last."""
+    bound = _MASK_ARGS.bind_partial(*args, attention_mask=attention_mask, **kwargs).arguments
+    if attention_mask is None and bound.get("q_length") == bound.get("kv_length") and not bound.get("kv_offset"):
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
