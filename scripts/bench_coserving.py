@@ -306,14 +306,15 @@ def peak_cell(cfg, tokenizer, seconds: float) -> dict:
 def run(args) -> None:
     import torch
 
-    from trainer.models import load_model, load_tokenizer
+    from trainer.models import load_tokenizer
+    from trainer.serving.server import load_served_model
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     tmp = tempfile.mkdtemp(prefix="bench-coserving-")
     cfg = make_cfg(tmp + "/job", [f"serving.tpot_slo_ms={args.tpot_slo_ms}", f"serving.max_running={args.max_running}"])
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer).eval()
+    model = load_served_model(cfg.model, tokenizer)
     rates = [float(r) for r in args.rates.split(",")]
     order = ["inference", "coserve", "timeshare", "generate"]
     cells = []
@@ -342,7 +343,7 @@ def run(args) -> None:
             row, model = engine_cell(model, tokenizer, cell_cfg, kind, rate, args.duration, args.seed, args.every)
         if kind == "finetune":
             row["peak"] = peak_cell(make_cfg(tmp + "/peak", []), tokenizer, args.duration / 2)
-            model = load_model(cfg.model, tokenizer).eval()  # peak_cell trained its own copy
+            model = load_served_model(cfg.model, tokenizer)  # peak_cell trained its own copy
         row.update(kind=kind, rate=rate, duration=args.duration, uptime_before=load,
                    wall_s=round(time.perf_counter() - began, 1), tpot_slo_ms=slo_ms, every=args.every,
                    threads=args.threads)

@@ -2,6 +2,8 @@
 the LoRA gradients of one forward/backward of the whole sequence (fp32)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,6 +13,7 @@ from trainer.data.formats import IGNORE
 from trainer.models import load_model
 from trainer.objective import token_loss_sum
 from trainer.serving.chunked import ChunkedSequence
+from trainer.tasks.causal_lm import CausalLM
 
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
@@ -65,12 +68,28 @@ def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chu
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("chunks", [[30], [8, 8, 8, 6], [1, 13, 16]])
-def test_rows_of_a_micro_batch_chunked_together_equal_each_row_alone(smollm2_tokenizer, chunks):
+def _task_loss(model, tokenizer, ids, labels, lengths):
+    """The training loop's own loss of these right-padded rows (CausalLM.forward_loss: lm_head at the
+    loss positions only, padding-free where the model's attention keeps documents apart)."""
+    task_cfg = SimpleNamespace(data=SimpleNamespace(packing=False), optim=SimpleNamespace(name="adamw"),
+                               train=SimpleNamespace(logits="auto", padding_free=True))
+    task = CausalLM(task_cfg, tokenizer)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return task, lambda: task.forward_loss(model, batch)[1]
+
+
+@pytest.mark.parametrize("chunks,attn,whole", [([30], "sdpa", False), ([8, 8, 8, 6], "sdpa", False),
+                                               ([1, 13, 16], "sdpa", False),
+                                               # one unit covering the rows whole: the loop's own loss
+                                               ([30], "sdpa", True), ([30], "sdpa_varlen", True),
+                                               # given the loop's loss but cut in chunks: the chunk path
+                                               ([8, 8, 8, 6], "sdpa_varlen", True)])
+def test_rows_of_a_micro_batch_chunked_together_equal_each_row_alone(smollm2_tokenizer, chunks, attn, whole):
     """Rows of different lengths, right-padded and chunked together (the same positions of every row
     in one call), give the summed loss and the LoRA gradients of each row's own full forward/backward
     without its padding."""
-    model = _lora_model(smollm2_tokenizer, "sdpa")
+    model = _lora_model(smollm2_tokenizer, attn)
     g = torch.Generator().manual_seed(1)
     lengths, width = [30, 17, 1 + 8, 24], sum(chunks)
     ids = torch.randint(0, len(smollm2_tokenizer), (len(lengths), width), generator=g)
@@ -86,13 +105,16 @@ def test_rows_of_a_micro_batch_chunked_together_equal_each_row_alone(smollm2_tok
     want = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    seq = ChunkedSequence(model, ids, labels, scale, lengths)
+    task, loss_fn = _task_loss(model, smollm2_tokenizer, ids, labels, lengths) if whole else (None, None)
+    seq = ChunkedSequence(model, ids, labels, scale, lengths, whole=loss_fn)
     with torch.no_grad():  # as on the engine thread
         done = sum(seq.forward(n) for n in chunks)
         assert done == sum(lengths)  # padding is not counted as trained tokens
         while not seq.done:
             seq.backward()
     assert seq.loss_sum * scale == pytest.approx(full.item(), rel=1e-5)
+    if whole and len(chunks) == 1:  # the task's path ran, padding-free exactly when the attention allows
+        assert task.split and task.padding_free == (attn == "sdpa_varlen")
     got = _grads(model)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)

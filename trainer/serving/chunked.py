@@ -19,12 +19,19 @@ accumulate across chunks exactly as in one backward of the whole sequence (the c
 the chunk graph, taken in reverse topological order); tests/test_serving_chunked.py checks loss
 and gradients against a full-sequence forward/backward.
 
+A unit that covers the whole sequence at once (no past: the common case when the engine has time
+for a whole micro-batch) does not need the chunk machinery at all: with `whole` given, it runs the
+training loop's own loss on the micro-batch instead (the task's `forward_loss`: lm_head only at the
+loss positions, and padding-free rows where the model's attention allows), so it costs what a
+micro-batch of `train_step` costs.
+
 Memory: each chunk's attention saves the keys/values of its whole prefix, so a sequence of L tokens
 in chunks of c saves about L^2/(2c) positions per layer (and row) instead of L.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +53,12 @@ class _Chunk:
 class ChunkedSequence:
     """Sequences (`input_ids` [rows, length] right-padded, or one 1-D sequence; `labels` alike with
     -100 where there is no loss) whose summed loss, multiplied by `scale`, is backpropagated chunk
-    by chunk. `lengths`: each row's real tokens (default: all)."""
+    by chunk. `lengths`: each row's real tokens (default: all). `whole`: computes the summed loss of
+    all rows in one forward (the trainer's task loss), used when one unit covers the whole sequence."""
 
     def __init__(self, model, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
-                 lengths: list[int] | None = None):
-        self.model, self.scale = model, scale
+                 lengths: list[int] | None = None, whole: Callable[[], torch.Tensor] | None = None):
+        self.model, self.scale, self.whole = model, scale, whole
         self.input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         labels = labels if labels.dim() == 2 else labels[None]
         self.targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # the token each position predicts
@@ -87,6 +95,8 @@ class ChunkedSequence:
     def forward(self, n: int) -> int:
         """Forward the next n positions of every row; returns the real (not padding) tokens done."""
         start, end = self.position, min(self.position + n, len(self))
+        if start == 0 and end == len(self) and self.whole is not None:
+            return self._forward_whole()
         # all of it in the graph (the engine runs with autograd off): the past joined from the
         # earlier chunks' leaves, the model call, the loss
         with torch.enable_grad():
@@ -112,6 +122,15 @@ class ChunkedSequence:
         self.loss_sum += float(loss.detach())
         self.position = end
         return self.real_tokens(start, end)
+
+    def _forward_whole(self) -> int:
+        with torch.enable_grad():
+            loss = self.whole()
+            scaled = loss * self.scale
+        self.chunks.append(_Chunk(0, len(self), scaled, [], []))  # no K/V: no later chunk attends to it
+        self.loss_sum += float(loss.detach())
+        self.position = len(self)
+        return self.real_tokens(0, len(self))
 
     def backward(self) -> None:
         """Backpropagate the last chunk not yet backpropagated (call after the forward is complete)."""

@@ -134,7 +134,8 @@ class CoservedJob:
             self._current = None
             if self._samples:
                 ids, labels, lengths = self._samples.popleft()
-                self._current = ChunkedSequence(self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths)
+                self._current = ChunkedSequence(self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths,
+                                                whole=self._task_loss(ids, labels, lengths))
             elif self._in_step:
                 return Pending("step")
             else:
@@ -173,6 +174,13 @@ class CoservedJob:
                                       [lengths[r] for r in keep]))
         self._in_step, self._step_loss, self._step_tokens = True, 0.0, 0
         self._step_began = self.clock()
+
+    def _task_loss(self, ids: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> Callable[[], torch.Tensor]:
+        """The summed loss of these right-padded rows as `train_step` computes it (the task's own
+        forward_loss), for a unit that covers them whole."""
+        mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return lambda: self.job.task.forward_loss(self.model, batch)[1]
 
     def _forward(self, tokens: int) -> None:
         current = self._current

@@ -68,11 +68,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_served_model(model_cfg, tokenizer):
+    """The base model as the server holds it, in eval mode. Unless `model.attn_implementation` is
+    set, with the attention the training loop gives padding-free batches (trainer.varlen_attention:
+    decoding and prefill, which carry a cache or a padding mask, run transformers' SDPA unchanged),
+    so that a co-served job's whole micro-batches run padding-free, as in `train_step`."""
+    from trainer.models import load_model
+    from trainer.varlen_attention import packed_attention
+
+    if model_cfg.attn_implementation is None:
+        model_cfg = model_cfg.model_copy(update={"attn_implementation": packed_attention()})
+    return load_model(model_cfg, tokenizer).eval()
+
+
 def serve(cfg: Config) -> int:
     import torch
     import uvicorn
 
-    from trainer.models import load_model, load_tokenizer
+    from trainer.models import load_tokenizer
     from trainer.serving import lora
     from trainer.serving.api import create_app
     from trainer.serving.engine import Engine
@@ -90,7 +103,7 @@ def serve(cfg: Config) -> int:
     tokenizer, api_tokenizer, jobs_tokenizer = (load_tokenizer(cfg.model) for _ in range(3))
     for name, path in s.adapters.items():  # before seconds of model loading: a wrong folder is a typo
         lora.check_lora_folder(path, where=f"serving.adapters.{name}")
-    model = load_model(cfg.model, tokenizer).eval()
+    model = load_served_model(cfg.model, tokenizer)
     registry = Registry(base_model_id(cfg))
     for i, (name, path) in enumerate(s.adapters.items()):
         internal = f"user_{i}"
