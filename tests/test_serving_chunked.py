@@ -36,7 +36,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
                                             ([3] * 12 + [1], ALL),
                                             # layer 0's keys carry no gradient without LoRA on k_proj
                                             ([8, 8, 8, 8, 5], ["q_proj", "v_proj"])])
-def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chunks, targets):
+@pytest.mark.parametrize("head_rows", [None, 5])  # full logits; lm_head at the loss positions, 5 rows at a time
+def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chunks, targets, head_rows):
     model = _lora_model(smollm2_tokenizer, attn, targets)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(smollm2_tokenizer), (sum(chunks),), generator=g)
@@ -51,7 +52,7 @@ def test_chunked_loss_and_grads_equal_full_sequence(smollm2_tokenizer, attn, chu
     want = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    seq = ChunkedSequence(model, ids, labels, scale)
+    seq = ChunkedSequence(model, ids, labels, scale, head_rows=head_rows)
     with torch.no_grad():  # as on the engine thread: the chunks turn autograd on themselves
         for n in chunks:
             assert seq.next_backward is None
@@ -76,7 +77,7 @@ def _task_loss(model, tokenizer, ids, labels, lengths):
     task = CausalLM(task_cfg, tokenizer)
     mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return task, lambda: task.forward_loss(model, batch)[1]
+    return task, batch, lambda: task.forward_loss(model, batch)[1]
 
 
 @pytest.mark.parametrize("chunks,attn,whole", [([30], "sdpa", False), ([8, 8, 8, 6], "sdpa", False),
@@ -105,8 +106,9 @@ def test_rows_of_a_micro_batch_chunked_together_equal_each_row_alone(smollm2_tok
     want = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    task, loss_fn = _task_loss(model, smollm2_tokenizer, ids, labels, lengths) if whole else (None, None)
-    seq = ChunkedSequence(model, ids, labels, scale, lengths, whole=loss_fn)
+    task, batch, loss_fn = _task_loss(model, smollm2_tokenizer, ids, labels, lengths) if whole else (None, None, None)
+    seq = ChunkedSequence(model, ids, labels, scale, lengths, whole=loss_fn,
+                          head_rows=task.loss_chunk_rows(model, batch) if whole else None)
     with torch.no_grad():  # as on the engine thread
         done = sum(seq.forward(n) for n in chunks)
         assert done == sum(lengths)  # padding is not counted as trained tokens

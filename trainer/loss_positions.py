@@ -106,16 +106,18 @@ def _capture_head_input(head: nn.Module):
 
 
 def forward_at_positions(model: nn.Module, batch: dict, positions: torch.Tensor,
-                         head: nn.Module | None = None, padding_free: bool = False) -> LossPositionOutputs:
-    """Run `model` on the batch's model inputs and return the final hidden states at `positions`.
-    `padding_free`: run it on the real tokens only, as one row of documents, where the batch
-    allows it (trainer.padding_free; the caller knows the model's attention keeps them apart)."""
+                         head: nn.Module | None = None, padding_free: bool = False,
+                         **model_kwargs) -> LossPositionOutputs:
+    """Run `model` on the batch's model inputs (and `model_kwargs`, e.g. a KV cache) and return the
+    final hidden states at `positions`. `padding_free`: run it on the real tokens only, as one row
+    of documents, where the batch allows it (trainer.padding_free; the caller knows the model's
+    attention keeps them apart)."""
     head = head if head is not None else output_layer(model)
     flat = unpad(batch) if padding_free else None
     if flat is not None and bool((positions & ~flat[1]).any()):
         flat = None  # a loss position on padding: keep the padded layout, where it exists
     with _capture_head_input(head) as box:
-        forward(model, flat[0] if flat else batch)
+        forward(model, flat[0] if flat else batch, **model_kwargs)
     hidden = box.get("hidden")
     layout = flat[0]["input_ids"] if flat else positions
     if hidden is None or hidden.shape[:2] != layout.shape:

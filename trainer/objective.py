@@ -10,11 +10,11 @@ import torch.nn.functional as F
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
-def forward(model, batch: dict, prefix: str = ""):
-    """`model(**inputs)` with the batch's model inputs; `prefix` picks one side of a pair batch
-    (`query_input_ids`, ...)."""
+def forward(model, batch: dict, prefix: str = "", **model_kwargs):
+    """`model(**inputs, **model_kwargs)` with the batch's model inputs; `prefix` picks one side of a
+    pair batch (`query_input_ids`, ...)."""
     inputs = {k: batch[prefix + k] for k in MODEL_INPUTS if prefix + k in batch}
-    return model(**inputs)
+    return model(**inputs, **model_kwargs)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

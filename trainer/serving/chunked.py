@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data.formats import IGNORE
+from trainer.linear_ce import linear_cross_entropy_sum
+from trainer.loss_positions import forward_at_positions
 from trainer.objective import next_token_loss_sum
 from trainer.serving import kv
 
@@ -54,11 +56,14 @@ class ChunkedSequence:
     """Sequences (`input_ids` [rows, length] right-padded, or one 1-D sequence; `labels` alike with
     -100 where there is no loss) whose summed loss, multiplied by `scale`, is backpropagated chunk
     by chunk. `lengths`: each row's real tokens (default: all). `whole`: computes the summed loss of
-    all rows in one forward (the trainer's task loss), used when one unit covers the whole sequence."""
+    all rows in one forward (the trainer's task loss), used when one unit covers the whole sequence.
+    `head_rows`: a chunk applies lm_head at its loss positions only, this many rows at a time
+    (trainer.loss_positions, as the loop's causal-LM loss; None: full logits)."""
 
     def __init__(self, model, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
-                 lengths: list[int] | None = None, whole: Callable[[], torch.Tensor] | None = None):
-        self.model, self.scale, self.whole = model, scale, whole
+                 lengths: list[int] | None = None, whole: Callable[[], torch.Tensor] | None = None,
+                 head_rows: int | None = None):
+        self.model, self.scale, self.whole, self.head_rows = model, scale, whole, head_rows
         self.input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         labels = labels if labels.dim() == 2 else labels[None]
         self.targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # the token each position predicts
@@ -107,10 +112,17 @@ class ChunkedSequence:
                 cache = kv.cache_from(self._config, past)
             else:
                 cache = kv.new_cache(self._config)
-            out = self.model(input_ids=self.input_ids[:, start:end],
-                             position_ids=torch.arange(start, end).expand(self.rows, -1), use_cache=True,
-                             **{self._cache_kwarg: cache})
-            loss = next_token_loss_sum(out.logits, self.targets[:, start:end])
+            inputs = {"input_ids": self.input_ids[:, start:end],
+                      "position_ids": torch.arange(start, end).expand(self.rows, -1)}
+            targets = self.targets[:, start:end]
+            if self.head_rows:  # lm_head and the cross-entropy at the loss positions only, as the loop
+                at = targets != IGNORE
+                out = forward_at_positions(self.model, inputs, at, use_cache=True, **{self._cache_kwarg: cache})
+                with out.autocast():
+                    loss = linear_cross_entropy_sum(out.hidden, out.head, targets[at], self.head_rows)
+            else:
+                out = self.model(**inputs, use_cache=True, **{self._cache_kwarg: cache})
+                loss = next_token_loss_sum(out.logits, targets)
             scaled = loss * self.scale
             computed = kv.tail(cache, end - start)  # slices of graph tensors: graph tensors too
         del out

@@ -134,8 +134,11 @@ class CoservedJob:
             self._current = None
             if self._samples:
                 ids, labels, lengths = self._samples.popleft()
-                self._current = ChunkedSequence(self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths,
-                                                whole=self._task_loss(ids, labels, lengths))
+                batch = self._batch(ids, labels, lengths)
+                self._current = ChunkedSequence(
+                    self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths,
+                    whole=lambda: self.job.task.forward_loss(self.model, batch)[1],
+                    head_rows=self.job.task.loss_chunk_rows(self.model, batch))
             elif self._in_step:
                 return Pending("step")
             else:
@@ -175,12 +178,12 @@ class CoservedJob:
         self._in_step, self._step_loss, self._step_tokens = True, 0.0, 0
         self._step_began = self.clock()
 
-    def _task_loss(self, ids: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> Callable[[], torch.Tensor]:
-        """The summed loss of these right-padded rows as `train_step` computes it (the task's own
-        forward_loss), for a unit that covers them whole."""
+    @staticmethod
+    def _batch(ids: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> dict:
+        """Right-padded rows as the loop's collator gives them: what the task's loss takes (a unit
+        that covers the rows whole runs `forward_loss` on it, as `train_step` does)."""
         mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        return lambda: self.job.task.forward_loss(self.model, batch)[1]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def _forward(self, tokens: int) -> None:
         current = self._current

@@ -59,6 +59,13 @@ class CausalLM(Task):
         else:
             self.notes.append(f"loss: full logits ({reason})")
 
+    def loss_chunk_rows(self, model, batch) -> int | None:
+        """Rows per lm_head chunk when the loss runs at the loss positions only (decided on the
+        first batch, as `forward_loss` does), else None (the full-logits path)."""
+        if self.split is None:
+            self._decide(model, batch)
+        return self.chunk_rows if self.split else None
+
     def forward_loss(self, model, batch):
         if self.split is None:
             self._decide(model, batch)
