@@ -20,6 +20,7 @@ from serving_harness import COMMON, Harness
 from trainer.models import load_model
 from trainer.serving import lora
 from trainer.serving.cost import CostModel
+from trainer.serving.finetune import row_groups
 from trainer.serving.request import Finished
 
 def _alone(tmp_path, name, *extra):
@@ -41,8 +42,10 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("with_static_adapter", [False, True])
-def test_coserved_job_equals_trainer_alone(tmp_path, smollm2_tokenizer, with_static_adapter):
+@pytest.mark.parametrize("with_static_adapter,extra", [(False, ()), (True, ()),
+                                                       # micro-batches cut into groups of whole rows
+                                                       (False, ("serving.ft_group_tokens=50",))])
+def test_coserved_job_equals_trainer_alone(tmp_path, smollm2_tokenizer, with_static_adapter, extra):
     """Same config, seed and data order: the co-served job (in chunks, with requests decoding in the
     same iterations, attached beside another adapter or to the bare model) ends with the weights and
     per-step losses of train.py's run."""
@@ -53,7 +56,7 @@ def test_coserved_job_equals_trainer_alone(tmp_path, smollm2_tokenizer, with_sta
         torch.manual_seed(5)
         get_peft_model(base, LoraConfig(r=2, init_lora_weights=False)).save_pretrained(tmp_path / "static")
         static = str(tmp_path / "static")
-    h = Harness(smollm2_tokenizer, tmp_path / "coserved", static_adapter=static)
+    h = Harness(smollm2_tokenizer, tmp_path / "coserved", *extra, static_adapter=static)
     served = ["tiny-llama"] + (["other"] if static else [])
     iterations, mixed = 0, 0
     while h.job.active:
@@ -63,6 +66,8 @@ def test_coserved_job_equals_trainer_alone(tmp_path, smollm2_tokenizer, with_sta
         iterations += 1
         mixed += bool(stats.decode_rows and (stats.ft_forward_tokens or stats.ft_backward_tokens))
     assert h.ended and h.job.status == "succeeded" and h.published == [2, 4]
+    if extra:  # the rows really went through in several groups per micro-batch
+        assert h.job.groups > h.job.step * 2
     assert mixed > 20, "inference and fine-tuning should share iterations"
     want, got = _adapter(alone), _adapter(tmp_path / "coserved")
     assert want.keys() == got.keys()
@@ -193,3 +198,21 @@ def test_interrupted_coserved_job_resumes_with_train_py(tmp_path, smollm2_tokeni
     assert sorted(la) == sorted(lc) == [1, 2, 3, 4]
     for step in la:
         assert lc[step] == pytest.approx(la[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("lengths,cap", [([30, 5, 20, 12], 40), ([30, 5, 20, 12], 1000), ([50, 3], 10), ([7], 7),
+                                         ([9, 9, 9, 9], 18), ([4, 8, 1, 30, 2], None)])
+def test_row_groups_cover_every_row_once_within_the_cap(lengths, cap):
+    rows = list(range(len(lengths)))
+    groups = row_groups(rows, lengths, cap)
+    assert sorted(r for g in groups for r in g) == rows  # every row exactly once
+    if cap is None:
+        assert groups == [rows]
+        return
+    for g in groups:  # within the cap, or a row longer than the cap on its own
+        assert sum(lengths[r] for r in g) <= cap or len(g) == 1
+    # greedy by length: no two consecutive groups could have been one
+    for a, b in zip(groups, groups[1:]):
+        assert sum(lengths[r] for r in a + b) > cap
+    order = [lengths[r] for g in groups for r in g]
+    assert order == sorted(order)

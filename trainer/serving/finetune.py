@@ -80,6 +80,20 @@ def prepare(cfg: Config, tokenizer) -> Prepared:
     return Prepared(cfg, tokenizer, train_set, eval_set, resume_from)
 
 
+def row_groups(rows: list[int], lengths: list[int], cap: int | None) -> list[list[int]]:
+    """`rows` in groups of at most `cap` real tokens (a longer row alone), by length so that a group
+    holds little padding; one group of all rows when `cap` is None."""
+    if cap is None:
+        return [rows] if rows else []
+    groups: list[list[int]] = []
+    for r in sorted(rows, key=lambda r: lengths[r]):
+        if groups and sum(lengths[g] for g in groups[-1]) + lengths[r] <= cap:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 class CoservedJob:
     """Built on the engine thread (it adds the trainee adapter to the served model)."""
 
@@ -106,6 +120,7 @@ class CoservedJob:
         self.status = "running" if self.step < cfg.train.max_steps else "finishing"
         self.error: str | None = None
         self.trained_tokens = 0
+        self.groups = 0  # row groups the micro-batches went through the engine in
         # dropout acts only in train mode; serving needs eval mode, so toggle around training forwards
         self._train_mode = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
         self._samples: deque = deque()
@@ -171,10 +186,12 @@ class CoservedJob:
             lengths = [int(n) for n in mb["attention_mask"].sum(1)]
             # a row without loss tokens adds nothing to the gradient
             keep = [r for r, n in enumerate(lengths) if (mb["labels"][r, 1:n] != -100).any()]
-            if keep:  # the micro-batch's rows go through the chunks together, trimmed to the longest
-                width = max(lengths[r] for r in keep)
-                self._samples.append((mb["input_ids"][keep, :width], mb["labels"][keep, :width],
-                                      [lengths[r] for r in keep]))
+            # the loss is a sum over rows, so groups of rows give the micro-batch's gradient exactly
+            for group in row_groups(keep, lengths, self.cfg.serving.ft_group_tokens):
+                self.groups += 1
+                width = max(lengths[r] for r in group)  # a group's rows go through the chunks together
+                self._samples.append((mb["input_ids"][group, :width], mb["labels"][group, :width],
+                                      [lengths[r] for r in group]))
         self._in_step, self._step_loss, self._step_tokens = True, 0.0, 0
         self._step_began = self.clock()
 
