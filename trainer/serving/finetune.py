@@ -152,7 +152,7 @@ class CoservedJob:
                 batch = self._batch(ids, labels, lengths)
                 self._current = ChunkedSequence(
                     self.model, ids, labels, 1.0 / max(self._step_units, 1), lengths,
-                    whole=lambda: self.job.task.forward_loss(self.model, batch)[1],
+                    whole=lambda batch=batch: self.job.task.forward_loss(self.model, batch)[1],
                     head_rows=self.job.task.loss_chunk_rows(self.model, batch))
             elif self._in_step:
                 return Pending("step")
