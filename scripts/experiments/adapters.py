@@ -166,6 +166,14 @@ def _numel(shape) -> int:
 
 def base_model_eval(task: str, workdir: Path) -> dict:
     """The untrained model on the held-out subset (classification: its random head)."""
+    spec = TASKS[task]
+    max_length = int(next(o for o in spec["overrides"] if o.startswith("data.max_length=")).split("=")[1])
+    return untrained_eval(spec["model"], spec["task"], workdir / f"{task}-eval.jsonl", max_length,
+                          workdir / f"{task}-base.json")
+
+
+def untrained_eval(model_name: str, model_task: str, eval_path: Path, max_length: int, cache: Path) -> dict:
+    """Loss (and accuracy) of the untrained model on every row of `eval_path`, cached in `cache`."""
     from types import SimpleNamespace
 
     import torch
@@ -175,20 +183,17 @@ def base_model_eval(task: str, workdir: Path) -> dict:
     from trainer.data import Collator, build_datasets
     from trainer.models import load_model, load_tokenizer
 
-    cache = workdir / f"{task}-base.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    spec = TASKS[task]
-    max_length = int(next(o for o in spec["overrides"] if o.startswith("data.max_length=")).split("=")[1])
-    model_cfg = SimpleNamespace(name_or_path=spec["model"], task=spec["task"], num_labels=2, dtype="float32",
+    model_cfg = SimpleNamespace(name_or_path=model_name, task=model_task, num_labels=2, dtype="float32",
                                 attn_implementation=None)
-    data_cfg = SimpleNamespace(path=str(workdir / f"{task}-eval.jsonl"), format=None, eval_path=None, eval_fraction=0.0,
+    data_cfg = SimpleNamespace(path=str(eval_path), format=None, eval_path=None, eval_fraction=0.0,
                                max_length=max_length, packing=False, max_examples=None)
     tokenizer = load_tokenizer(model_cfg)
-    examples, _ = build_datasets(data_cfg, tokenizer, spec["task"], 0)
+    examples, _ = build_datasets(data_cfg, tokenizer, model_task, 0)
     set_seed(0)
     model = load_model(model_cfg, tokenizer).eval()
-    collate = Collator(tokenizer.pad_token_id, spec["task"], packed=False)
+    collate = Collator(tokenizer.pad_token_id, model_task, packed=False)
     loss = units = correct = 0.0
     with torch.no_grad():
         for i in range(0, len(examples), 8):
@@ -203,9 +208,9 @@ def base_model_eval(task: str, workdir: Path) -> dict:
                 loss += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=-100,
                                               reduction="sum"))
                 units += float((labels != -100).sum())
-    out = {"eval_loss": loss / units, "eval_accuracy": correct / units if spec["task"] != "causal_lm" else None,
+    out = {"eval_loss": loss / units, "eval_accuracy": correct / units if model_task != "causal_lm" else None,
            "examples": len(examples)}
-    if spec["task"] != "causal_lm":
+    if model_task != "causal_lm":
         labels = [e["label"] for e in examples]
         out["majority_accuracy"] = max(labels.count(c) for c in set(labels)) / len(labels)
     cache.write_text(json.dumps(out))

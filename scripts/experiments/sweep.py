@@ -12,7 +12,8 @@ rate, scored on a test split the sweep never saw. Two tasks (--task):
 
 Every run: the adapters of scripts/experiments/adapters.py (rank 8, no dropout), linear schedule with 10%
 warm-up, AdamW without weight decay, --steps steps. Phase `sweep` trains seed 0 at each rate and evaluates
-on validation; phase `seeds` trains seeds 1 and 2 at the winning rate, and the ablations (ABLATIONS: a
+on validation; phase `extend` adds one rate beyond the grid's edge where the best rate is
+at that edge (EDGES); phase `seeds` trains seeds 1 and 2 at the winning rate, and the ablations (ABLATIONS: a
 method with one part switched off) at their parent's rate for seeds 0-2. All final adapters are scored on
 the test split with `train.py eval`.
 
@@ -51,6 +52,9 @@ exp = _experiment_module("adapters")  # the method settings and the run helpers
 
 METHODS = ("lora", "pissa", "dora", "adalora", "triadaptlora", "balora")
 LRS = (1e-3, 3e-3, 1e-2)
+# phase `extend`: where the best of LRS is the largest (or smallest), one more rate beyond it, so that
+# the chosen rate is bracketed; the report then picks among all rates a method ran
+EDGES = {1e-2: 3e-2, 1e-3: 3e-4}
 SEEDS = (0, 1, 2)
 
 TASKS = {
@@ -164,12 +168,16 @@ def best_lr(task: str, workdir: Path, method: str) -> float:
     missing = [lr for v, lr in scored if v is None]
     if missing:
         raise SystemExit(f"{method}: the sweep has not finished (lr {missing})")
+    scored += [(v, lr) for lr in EDGES.values() if (v := validation(task, workdir, method, lr)) is not None]
     return max(scored, key=lambda s: TASKS[task]["rank"](s[0]))[1]
 
 
 def jobs(task: str, phase: str, workdir: Path, methods: list[str]) -> list[tuple[str, float, int]]:
     if phase == "sweep":
         return [(m, lr, 0) for m in methods if m not in ABLATIONS for lr in LRS]
+    if phase == "extend":
+        return [(m, EDGES[lr], 0) for m in methods if m not in ABLATIONS
+                if (lr := best_lr(task, workdir, m)) in EDGES]
     return [(m, best_lr(task, workdir, m), s) for m in methods for s in SEEDS if s != 0 or m in ABLATIONS]
 
 
@@ -177,28 +185,34 @@ def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int
     spec = TASKS[task]
     metric = spec["metric"]
     name = metric.split("/")[1]
+    ran = {lr for m in methods for lr in EDGES.values() if validation(task, workdir, m, lr) is not None}
+    rates = sorted(set(LRS) | ran)
     lines = [f"## {spec['title']}: learning rate swept on validation, 3 seeds on test "
              f"({steps} steps of {spec['batch']})", "",
              f"Validation {name} of seed 0 at each rate (the sweep), then the test metrics of the best rate "
              "over seeds 0-2 (mean ± std). Ablations run at their parent's rate.", "",
-             "| method | " + " | ".join(f"val {name} @ {lr:g}" for lr in LRS) + " | best lr | test accuracy | "
+             "| method | " + " | ".join(f"val {name} @ {lr:g}" for lr in rates) + " | best lr | seeds | test accuracy | "
              "test loss | per seed | trainable params | wall s / run |",
-             "|---|" + "---|" * len(LRS) + "---|---|---|---|---|---|"]
+             "|---|" + "---|" * len(rates) + "---|---|---|---|---|---|---|"]
     if task == "chat":
         lines[-2] = lines[-2].replace(" test accuracy | test loss |", " test loss | test perplexity |")
+        base = exp.untrained_eval("packaged:smollm2-135m-instruct", "causal_lm", paths["test"], 128,
+                                  workdir / "untrained-test.json")
+        lines.insert(2, f"Untrained model on the test split: loss {base['eval_loss']:.4f} per assistant token.\n")
     summary = {}
     for m in methods:
-        vals = [None if m in ABLATIONS else validation(task, workdir, m, lr) for lr in LRS]
+        vals = [None if m in ABLATIONS else validation(task, workdir, m, lr) for lr in rates]
         lr = best_lr(task, workdir, m)
-        tests = [test_score(workdir, paths, m, lr, s)["metrics"] for s in SEEDS]
+        seeds = [s for s in SEEDS if (run_dir(workdir, m, lr, s) / "wall_s.txt").exists()]  # the finished ones
+        tests = [test_score(workdir, paths, m, lr, s)["metrics"] for s in seeds]
         first, second = ("accuracy", "loss") if task == "sentiment" else ("loss", "perplexity")
         a, b = [t[first] for t in tests], [t[second] for t in tests]
-        walls = [float((run_dir(workdir, m, lr, s) / "wall_s.txt").read_text()) for s in SEEDS]
-        params = exp.result_of("sentiment", m, 0, run_dir(workdir, m, lr, 0), None)["trainable_params"]
-        summary[m] = {"lr": lr, "validation": {f"{r:g}": v[metric] for r, v in zip(LRS, vals) if v},
-                      f"test_{first}": a, f"test_{second}": b, "trainable_params": params}
+        walls = [float((run_dir(workdir, m, lr, s) / "wall_s.txt").read_text()) for s in seeds]
+        params = exp.result_of(task, m, seeds[0], run_dir(workdir, m, lr, seeds[0]), None)["trainable_params"]
+        summary[m] = {"lr": lr, "validation": {f"{r:g}": v[metric] for r, v in zip(rates, vals) if v},
+                      "seeds": seeds, f"test_{first}": a, f"test_{second}": b, "trainable_params": params}
         cells = " | ".join("-" if v is None else f"{v[metric]:.4f}" for v in vals)
-        lines.append(f"| {m} | {cells} | {lr:g} | {exp.mean_std(a)} | {exp.mean_std(b)} | "
+        lines.append(f"| {m} | {cells} | {lr:g} | {len(seeds)} | {exp.mean_std(a)} | {exp.mean_std(b)} | "
                      f"{' / '.join(f'{x:.4f}' for x in a)} | {params:,} | {statistics.mean(walls):.0f} |")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     text = "\n".join(lines) + "\n"
@@ -212,7 +226,7 @@ def main() -> None:
     p.add_argument("--workdir", help="default: runs/exp-<task>-sweep")
     p.add_argument("--methods", default=",".join(METHODS), help=f"of {METHODS} and the ablations {tuple(ABLATIONS)}")
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--phase", choices=["sweep", "seeds"], default="sweep")
+    p.add_argument("--phase", choices=["sweep", "extend", "seeds"], default="sweep")
     p.add_argument("--worker", default="0/1", help="i/n: this process runs every n-th job from the i-th")
     p.add_argument("--report", help="write the markdown table here instead of training")
     a = p.parse_args()
