@@ -190,3 +190,34 @@ def test_smollm2_mixed_adapter_batch_equals_generate(smollm2_tokenizer):
         want = _reference(model, smollm2_tokenizer, req.prompt, adapter, 24)
         stop = [i for i, t in enumerate(want) if t in engine.eos]
         assert req.output == (want[:stop[0]] if stop else want)
+
+
+def test_base_only_batches_skip_routing_and_leave_the_adapters_as_they_were(smollm2_tokenizer):
+    """A batch of base rows runs with the adapted layers switched off for that call: its logits are
+    those of the bare base model (a copy taken before peft wrapped it), and afterwards every
+    adapter answers and trains as before (flags and requires_grad untouched)."""
+    import copy
+
+    from trainer.serving import lora
+
+    bare = lively(load_model(model_cfg(), smollm2_tokenizer)).eval()
+    reference = copy.deepcopy(bare)
+    torch.manual_seed(2)
+    model = get_peft_model(bare, LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])).eval()
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = torch.tensor([smollm2_tokenizer("The quick brown fox")["input_ids"]] * 2)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with lora.routed(model, [lora.BASE, lora.BASE]) as kwargs:
+            assert kwargs == {}  # no per-row routing
+            base_rows = model(input_ids=ids, **kwargs).logits
+        with lora.routed(model, [lora.BASE, "default"]) as kwargs:  # mixed: peft routes each row
+            mixed = model(input_ids=ids, **kwargs).logits
+        after = model(input_ids=ids).logits
+        want = reference(input_ids=ids).logits
+    torch.testing.assert_close(base_rows, want)
+    assert not torch.allclose(adapted, want, atol=1e-3)  # the adapter does change the answer
+    torch.testing.assert_close(mixed[0], want[0])
+    torch.testing.assert_close(mixed[1], adapted[1])
+    torch.testing.assert_close(after, adapted)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before

@@ -286,8 +286,9 @@ class Engine:
                 self._fail(request, 500, f"the engine failed on this request: {type(exc).__name__}: {exc}")
 
     def _forward(self, input_ids, cache, adapters: list[str], **kwargs):
-        return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                          **{self._cache_kwarg: cache}, **lora.adapter_kwargs(self.model, adapters), **kwargs)
+        with lora.routed(self.model, adapters) as routing:
+            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                              **{self._cache_kwarg: cache}, **routing, **kwargs)
 
     def _decode(self) -> None:
         rows = self.decoding

@@ -10,9 +10,11 @@ trainer's (resume one with the other).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import adapters
 from adapters.lora import lora_config
@@ -32,6 +34,26 @@ def adapter_kwargs(model, names: list[str]) -> dict:
         assert all(n == BASE for n in names), names
         return {}
     return {"adapter_names": names}
+
+
+@contextmanager
+def routed(model, names: list[str]):
+    """Inside the block, a forward of `model` with the kwargs yielded sends row i to adapter
+    names[i]. A batch of base-model rows only skips peft's per-row routing, which registers a hook
+    on every adapted layer for each forward (+15% on a SmolLM2-135M decode step on this CPU): the
+    adapted layers are switched off for the one call instead, through the flag their forward reads
+    (peft's own `disable_adapter()` also re-sets requires_grad on every adapter and costs more)."""
+    if not is_peft(model) or any(n != BASE for n in names):
+        yield adapter_kwargs(model, names)
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m._disable_adapters]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield {}
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 def check_lora_folder(path: str, where: str) -> PeftConfig:
