@@ -212,7 +212,9 @@ def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int
         summary[m] = {"lr": lr, "validation": {f"{r:g}": v[metric] for r, v in zip(rates, vals) if v},
                       "seeds": seeds, f"test_{first}": a, f"test_{second}": b, "trainable_params": params}
         cells = " | ".join("-" if v is None else f"{v[metric]:.4f}" for v in vals)
-        lines.append(f"| {m} | {cells} | {lr:g} | {len(seeds)} | {exp.mean_std(a)} | {exp.mean_std(b)} | "
+        # a best rate on the grid's edge with nothing run beyond it is not bracketed
+        edge = " (edge)" if lr in EDGES and m not in ABLATIONS and validation(task, workdir, m, EDGES[lr]) is None else ""
+        lines.append(f"| {m} | {cells} | {lr:g}{edge} | {len(seeds)} | {exp.mean_std(a)} | {exp.mean_std(b)} | "
                      f"{' / '.join(f'{x:.4f}' for x in a)} | {params:,} | {statistics.mean(walls):.0f} |")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     text = "\n".join(lines) + "\n"
