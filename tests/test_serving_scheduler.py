@@ -95,7 +95,12 @@ def test_finetune_unit_choice_against_brute_force(seed):
     need = min(-(-LIMITS.ft_min_chunk // rows), pending.tokens)  # the fewest positions of ft_min_chunk tokens
     best = max(ok, default=0)
     never_fits = max(_ft_seconds(FT_FWD, rows, need, pending.past), _ft_seconds(FT_BWD, rows, need, pending.past)) > share
-    if best >= need:
+    rest_fits_fresh = (rows * pending.tokens <= max(LIMITS.ft_chunk_tokens, rows)
+                       and _ft_seconds(FT_FWD, rows, pending.tokens, pending.past) <= share
+                       and _ft_seconds(FT_BWD, rows, pending.tokens, pending.past) <= share)
+    if best < pending.tokens and rest_fits_fresh and not forced:
+        assert unit is None  # the rest waits to run whole rather than be cut into two chunks
+    elif best >= need:
         assert unit == ("forward", best)
     else:
         assert unit == (("forward", need) if forced or (never_fits and whole_share_free) else None)

@@ -57,7 +57,7 @@ class IterationStats:
     ft_forced: bool = False
     ft_bank_s: float = 0.0  # banked decode budget after this iteration (scheduler.py)
     waiting: int = 0
-    units: list = field(default_factory=list)  # (kind, tokens, predicted s, measured s)
+    units: list = field(default_factory=list)  # (kind, positions, rows, past, real tokens, predicted s, measured s)
 
     @property
     def seconds(self) -> float:
@@ -386,13 +386,15 @@ class Engine:
                 seconds = self.meter("ft_" + kind, features, lambda: job.run(kind, tokens))
                 if model:
                     model.observe(features, seconds)
-                stats.units.append((kind, tokens, round(predicted, 5), round(seconds, 5)))
+                real = job.trained_tokens - trained_before  # a forward's real (not padding) tokens
+                stats.units.append((kind, tokens, pending.rows, pending.past, real, round(predicted, 5),
+                                    round(seconds, 5)))
                 stats.ft_forced |= forced and ran == 0
                 ran += 1
                 time_left -= seconds
                 stats.ft_s += seconds
                 if kind == "forward":
-                    stats.ft_forward_tokens += job.trained_tokens - trained_before  # real tokens, not padding
+                    stats.ft_forward_tokens += real
                     tokens_left -= tokens * pending.rows
                 elif kind == "backward":
                     stats.ft_backward_tokens += tokens * pending.rows

@@ -8,7 +8,9 @@ Policy, in priority order:
    always advances by at least `prefill_min_chunk` tokens, so prompts progress under any load.
 3. Fine-tuning gets what is left of the time budget, one unit at a time (`choose_ft_unit`): a
    forward chunk (the same positions of every row of a micro-batch) sized so that both it fits
-   now and its backward fits a whole iteration's fine-tuning share; a backward chunk when it fits; the optimizer step whenever it is due.
+   now and its backward fits a whole iteration's fine-tuning share, but never a cut of a rest that
+   a later iteration of this kind can run whole (a small second chunk costs 2-3x per token); a
+   backward chunk when it fits; the optimizer step whenever it is due.
    When nothing fits for `ft_max_wait_iters` iterations in a row (if set), one unit runs anyway.
 The time budget of an iteration is `(1 - slo_margin) * tpot_slo_ms` when requests are in the
 engine (an iteration is one output token for each decoding request), else `ft_idle_budget_ms` (how
@@ -148,6 +150,11 @@ def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_shar
             return cost.ft_forward.predict(feats) <= time_left and cost.ft_backward.predict(feats) <= ft_share
 
         n = largest(fits, cap)
+        if n < pending.tokens and not forced and _fits_a_fresh_iteration(pending, ft_share, cost, limits):
+            # cutting now leaves the rest as a second, small chunk that pays a forward call's fixed
+            # cost again and goes through the chunk machinery (2-3x the time per token of a whole
+            # group on this CPU): the next iteration, or a fuller bank, runs it all in one unit
+            return None
         need = min(-(-limits.ft_min_chunk // rows), pending.tokens)
         if n >= need:
             return "forward", n
@@ -157,3 +164,11 @@ def choose_ft_unit(pending: Pending, time_left: float, tokens_left: int, ft_shar
     seconds = cost.ft_backward.predict(finetune_features(pending.tokens, pending.past, rows))
     runs = seconds <= time_left or forced or (seconds > ft_share and whole_share_free)
     return ("backward", pending.tokens) if runs else None
+
+
+def _fits_a_fresh_iteration(pending: Pending, ft_share: float, cost: CostModel, limits: Limits) -> bool:
+    """Whether the rest of the sequences' forward, and its backward, each fit the fine-tuning share
+    of an iteration like this one, within the chunk token limit."""
+    feats = finetune_features(pending.tokens, pending.past, pending.rows)
+    return (pending.rows * pending.tokens <= max(limits.ft_chunk_tokens, pending.rows)
+            and max(cost.ft_forward.predict(feats), cost.ft_backward.predict(feats)) <= ft_share)
