@@ -13,7 +13,7 @@ Cells (each measured for --duration seconds of arrivals, then drained):
   coserve       (d) the engine serving requests while the job trains in the same iterations
   generate      the floor: one request at a time with transformers' `generate` (FIFO)
 At every rate the request-serving cells run in an order that alternates between rates (ABBA), so
-drift in the machine's load hits every cell alike. All cells share one process and one model.
+drift in the machine's load hits every cell alike. Each cell runs in a process of its own.
 
 What is counted:
 - TPOT of a request: (last token time - first token time) / (tokens - 1); p50/p99 over requests.
@@ -189,12 +189,35 @@ def _ft_window(collector, t0, end) -> dict:
     rows = [s for t, s in collector.rows if t - t0 <= end]
     fwd = sum(s.ft_forward_tokens for s in rows)
     units = {}  # per kind: how many units, their positions and their measured seconds
-    for kind, positions, _, seconds in (u for s in rows for u in s.units):
+    for kind, positions, _, _, _, _, seconds in (u for s in rows for u in s.units):
         n, pos, sec = units.get(kind, (0, 0, 0.0))
         units[kind] = (n + 1, pos + positions, round(sec + seconds, 3))
     return {"ft_tokens_per_s": round(fwd / end, 2), "ft_steps_in_window": sum(s.ft_steps for s in rows),
             "forced_units": sum(s.ft_forced for s in rows),
-            "units": {k: {"count": n, "positions": pos, "seconds": sec} for k, (n, pos, sec) in units.items()}}
+            "units": {k: {"count": n, "positions": pos, "seconds": sec} for k, (n, pos, sec) in units.items()},
+            "unit_costs": unit_costs(rows)}
+
+
+def unit_costs(rows) -> dict:
+    """Forward and backward units by where they ran ("beside-decode": an iteration that also decoded;
+    "alone") and whether they started at position 0 of their group or after a cached past: count,
+    summed seconds, positions x rows, real tokens, and the median seconds per 100 real tokens
+    (forwards) or per 100 positions x rows (backwards)."""
+    groups: dict[str, list] = {}
+    for s in rows:
+        beside = "beside-decode" if s.decode_rows else "alone"
+        for kind, positions, n_rows, past, real, _, seconds in s.units:
+            if kind != "step":
+                key = f"{kind}/{beside}/{'past' if past else 'from-0'}"
+                groups.setdefault(key, []).append((seconds, positions * n_rows, real))
+    out = {}
+    for key, xs in sorted(groups.items()):
+        forward = key.startswith("forward")
+        per = [1e2 * sec / (real if forward else area) for sec, area, real in xs if (real if forward else area)]
+        out[key] = {"count": len(xs), "seconds": round(sum(x[0] for x in xs), 2),
+                    "positions_x_rows": sum(x[1] for x in xs), "real_tokens": sum(x[2] for x in xs),
+                    "median_s_per_100": round(statistics.median(per), 4) if per else None}
+    return out
 
 
 class TimeShareEngine:
@@ -303,7 +326,37 @@ def peak_cell(cfg, tokenizer, seconds: float) -> dict:
     return {"ft_tokens_per_s": round(tokens / elapsed, 2), "steps": step, "seconds": round(elapsed, 1)}
 
 
+def planned_cells(args) -> list[tuple[str, float]]:
+    rates = [float(r) for r in args.rates.split(",")]
+    order = ["inference", "coserve", "timeshare", "generate"]
+    cells = [("finetune", 0.0)] if "finetune" in args.cells else []
+    for i, rate in enumerate(rates):
+        kinds = [k for k in (order if i % 2 == 0 else order[::-1]) if k in args.cells]
+        if args.slo_vs_inference:  # the co-serving cell's target comes from the inference-only cell
+            kinds.sort(key=lambda k: k != "inference")
+        cells += [(k, rate) for k in kinds]
+    return cells
+
+
+def cell_name(kind: str, rate: float) -> str:
+    return f"{kind}@{rate:g}" if kind != "finetune" else "finetune"
+
+
 def run(args) -> None:
+    """Each cell in a fresh process: cells that ran earlier in the same process slowed the later
+    ones (a co-serving cell after the fine-tune-only and train_step cells ran its units 20-30%
+    slower per token than the same cell in a process of its own)."""
+    out_path = Path(args.out)
+    for kind, rate in planned_cells(args):
+        name = cell_name(kind, rate)
+        results = json.loads(out_path.read_text()) if out_path.exists() else {}
+        if name in results and not args.redo:
+            print(f"skip {name} (in {out_path})", flush=True)
+            continue
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--cell", name], check=True)
+
+
+def measure_cell(args) -> None:
     import torch
 
     from trainer.models import load_tokenizer
@@ -311,46 +364,30 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    kind, _, rate = args.cell.partition("@")
+    rate = float(rate or 0)
     tmp = tempfile.mkdtemp(prefix="bench-coserving-")
-    cfg = make_cfg(tmp + "/job", [f"serving.tpot_slo_ms={args.tpot_slo_ms}", f"serving.max_running={args.max_running}"])
+    slo_ms = args.tpot_slo_ms
+    if kind == "coserve" and args.slo_vs_inference:
+        slo_ms = round(args.slo_vs_inference * results[cell_name("inference", rate)]["tpot_p50"] * 1000, 1)
+    cfg = make_cfg(tmp + "/job", [f"serving.tpot_slo_ms={slo_ms}", f"serving.max_running={args.max_running}"])
     tokenizer = load_tokenizer(cfg.model)
-    model = load_served_model(cfg.model, tokenizer)
-    rates = [float(r) for r in args.rates.split(",")]
-    order = ["inference", "coserve", "timeshare", "generate"]
-    cells = []
-    if "finetune" in args.cells:
-        cells.append(("finetune", 0.0))
-    for i, rate in enumerate(rates):
-        kinds = [k for k in (order if i % 2 == 0 else order[::-1]) if k in args.cells]
-        if args.slo_vs_inference:  # the co-serving cell's target comes from the inference-only cell
-            kinds.sort(key=lambda k: k != "inference")
-        cells += [(k, rate) for k in kinds]
-    for kind, rate in cells:
-        name = f"{kind}@{rate:g}" if kind != "finetune" else "finetune"
-        if name in results and not args.redo:
-            print(f"skip {name} (in {out_path})", flush=True)
-            continue
-        load = uptime()
-        began = time.perf_counter()
-        slo_ms = args.tpot_slo_ms
-        if kind == "coserve" and args.slo_vs_inference:
-            slo_ms = round(args.slo_vs_inference * results[f"inference@{rate:g}"]["tpot_p50"] * 1000, 1)
-        if kind == "generate":
-            row = generate_cell(model, tokenizer, rate, args.duration, args.seed)
-        else:
-            cell_cfg = cfg if slo_ms == args.tpot_slo_ms else make_cfg(
-                tmp + "/job", [f"serving.tpot_slo_ms={slo_ms}", f"serving.max_running={args.max_running}"])
-            row, model = engine_cell(model, tokenizer, cell_cfg, kind, rate, args.duration, args.seed, args.every)
-        if kind == "finetune":
-            row["peak"] = peak_cell(make_cfg(tmp + "/peak", []), tokenizer, args.duration / 2)
-            model = load_served_model(cfg.model, tokenizer)  # peak_cell trained its own copy
-        row.update(kind=kind, rate=rate, duration=args.duration, uptime_before=load,
-                   wall_s=round(time.perf_counter() - began, 1), tpot_slo_ms=slo_ms, every=args.every,
-                   threads=args.threads)
-        results[name] = row
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1))
-        print(json.dumps({name: {k: v for k, v in row.items() if k != "cost_model"}}), flush=True)
+    load = uptime()
+    began = time.perf_counter()
+    if kind == "generate":
+        row = generate_cell(load_served_model(cfg.model, tokenizer), tokenizer, rate, args.duration, args.seed)
+    else:
+        row, _ = engine_cell(load_served_model(cfg.model, tokenizer), tokenizer, cfg, kind, rate, args.duration,
+                             args.seed, args.every)
+    if kind == "finetune":
+        row["peak"] = peak_cell(make_cfg(tmp + "/peak", []), tokenizer, args.duration / 2)
+    row.update(kind=kind, rate=rate, duration=args.duration, uptime_before=load,
+               wall_s=round(time.perf_counter() - began, 1), tpot_slo_ms=slo_ms, every=args.every,
+               threads=args.threads)
+    results[args.cell] = row
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1))
+    print(json.dumps({args.cell: {k: v for k, v in row.items() if k not in ("cost_model", "unit_costs")}}), flush=True)
 
 
 def report(path: Path, plot: Path | None) -> None:
@@ -419,9 +456,12 @@ def main() -> None:
     p.add_argument("--out", default="docs/results/coserving.json")
     p.add_argument("--redo", action="store_true", help="measure cells already in --out again")
     p.add_argument("--plot", help="print the table of this JSON file and plot it (no measuring)")
+    p.add_argument("--cell", help=argparse.SUPPRESS)  # set by run(): measure this one cell in this process
     args = p.parse_args()
     if args.plot:
         report(Path(args.plot), Path(args.plot).with_suffix(".png"))
+    elif args.cell:
+        measure_cell(args)
     else:
         run(args)
 
