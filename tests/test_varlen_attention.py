@@ -93,3 +93,19 @@ def test_tokens_after_a_cached_past_see_the_past():
         rest = m(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True,
                  position_ids=torch.arange(12, 20).expand(2, -1)).logits
     assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-5)
+
+
+def test_documents_run_the_cpu_flash_kernel_not_the_math_path():
+    """The point of attending per document on the CPU is the flash kernel (no [n, n] scores held,
+    GQA read directly); SDPA takes it only for 4-D inputs and silently falls back to the math path
+    for 3-D ones, which the profiler tells apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(1, 4, 10, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 10, 8, requires_grad=True) for _ in range(2))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        varlen_attention.attention_by_document(q, k, v, positions, 0.0, None).sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops

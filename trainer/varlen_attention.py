@@ -79,7 +79,10 @@ def attention_by_document(query, key, value, position_ids, dropout: float, scali
     # repeated slicing) keeps the backward to one concatenation of the gradients
     flat = [t.transpose(0, 1).reshape(t.shape[1], batch * length, t.shape[-1]) for t in (query, key, value)]
     gqa = heads != key.shape[1]
-    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+    # each document as a batch of one, [1, H, n, D]: the CPU's flash kernel takes 4-D inputs only, and
+    # 3-D ones fall back to the math path (the [H, n, n] scores materialised, masked and softmaxed)
+    outs = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scaling, is_causal=True,
+                                           enable_gqa=gqa)[0]
             for q, k, v in zip(*(t.split(sizes, dim=1) for t in flat))]
     out = torch.cat(outs, dim=1).reshape(heads, batch, length, value.shape[-1])
     return out.permute(1, 2, 0, 3).contiguous()
