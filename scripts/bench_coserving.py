@@ -182,7 +182,7 @@ def engine_cell(model, tokenizer, cfg, kind: str, rate: float, duration: float, 
         out["decode_iteration_p50"] = round(statistics.median(s.seconds for s in decode_iters), 4)
         out["mean_decode_rows"] = round(statistics.fmean(s.decode_rows for s in decode_iters), 2)
     out["cost_model"] = engine.cost.coefficients()
-    return out, engine.model
+    return out
 
 
 def _ft_window(collector, t0, end) -> dict:
@@ -377,8 +377,8 @@ def measure_cell(args) -> None:
     if kind == "generate":
         row = generate_cell(load_served_model(cfg.model, tokenizer), tokenizer, rate, args.duration, args.seed)
     else:
-        row, _ = engine_cell(load_served_model(cfg.model, tokenizer), tokenizer, cfg, kind, rate, args.duration,
-                             args.seed, args.every)
+        row = engine_cell(load_served_model(cfg.model, tokenizer), tokenizer, cfg, kind, rate, args.duration,
+                        args.seed, args.every)
     if kind == "finetune":
         row["peak"] = peak_cell(make_cfg(tmp + "/peak", []), tokenizer, args.duration / 2)
     row.update(kind=kind, rate=rate, duration=args.duration, uptime_before=load,
