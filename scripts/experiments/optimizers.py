@@ -11,22 +11,18 @@ Protocol:
   `max_length` tokens, linear warm-up then cosine decay, gradient clipping at 1. The seed sets the
   data order, the LoRA initialisation, dropout and AdaHessian's probes; the held-out split does
   not depend on it.
-- Held-out loss: token-weighted cross-entropy on the assistant tokens of a fixed subset of the
-  held-out split (`eval_examples` conversations), at step 0 and every `eval_every` steps.
-- "Equal steps": the held-out loss after the last step. "Equal wall time": the held-out loss of
-  each run at the step where it has cost as much as AdamW's `steps` steps, i.e. at step
-  steps / c with c the method's step-time ratio to AdamW from scripts/bench_optim.py (measured
-  with alternating runs; `--bench-json` reads them from a bench output, the defaults are the
-  ratios in docs/results/optimizers.md), linear between evaluations. The wall time measured in
-  these runs is reported too, but on a shared machine it mostly measures the neighbours: two runs
-  of the same method at the same settings differed by up to 2x.
-- Learning rates. Full fine-tuning: one lr for all three, GaLore's scale set to 1, so a projected
-  matrix takes Adam-sized steps inside its subspace and only the optimizer differs. LoRA: AdamW
-  uses the repository's LoRA demo lr (1e-3). AdaHessian's lr is not in Adam's units (its step is
-  gradient over curvature), so it is chosen by a pilot: `--pilot-lrs`, one seed not among the
-  reported ones, `pilot_steps` steps, the best held-out loss wins. The pilot is reported too.
-- Each run is its own process with one thread (OMP_NUM_THREADS=1); two run at a time, methods
-  interleaved seed by seed so load from other work on the machine is shared among methods.
+- Two disjoint slices of the held-out split, loss per assistant token: **test** (`eval_examples`
+  conversations, reported, at step 0 and every `eval_every` steps) and **validation**
+  (`val_examples`, picks the learning rate).
+- Learning rates: every method has a grid of 3 rates (LR_GRID). Seed 0 runs each; the lowest
+  final validation loss picks the rate; the other seeds run at it. AdaHessian's rate is not in
+  Adam's units (its step is gradient over curvature), so its grid is its own.
+- "Equal steps": the test loss after the last step. "Equal wall time": each run's test loss at
+  AdamW's median measured training time (seconds inside training steps, evaluation excluded),
+  linear between evaluations. The step-time ratio c to AdamW is measured by these runs
+  themselves, seed by seed; run the study with nothing else on the machine, or c measures the
+  neighbours. scripts/bench_optim.py's ratios are printed beside it.
+- Each run is its own process with one thread (OMP_NUM_THREADS=1); two run at a time.
 Results go between the experiment markers of `--out` (the rest of the file is kept), with a plot
 next to it (same name, .png).
 """
@@ -59,13 +55,17 @@ METHODS = {
     "full_natural_galore": ("full", "Natural GaLore r128 s4", FULL,
                             {"name": "natural_galore", "lr": FULL_LR, **GALORE, "natural_history": 4}),
     "lora_adamw": ("lora", "AdamW", LORA, {"name": "adamw", "lr": 1e-3}),
-    "lora_adahessian": ("lora", "AdaHessian i4", LORA, {"name": "adahessian", "hessian_interval": 4}),
+    "lora_adahessian": ("lora", "AdaHessian i4", LORA, {"name": "adahessian", "lr": 1e-2, "hessian_interval": 4}),
 }
 BASELINE = {"full": "full_adamw", "lora": "lora_adamw"}
-# step time / AdamW's step time, from scripts/bench_optim.py (docs/results/optimizers.md)
+# learning-rate grids (seed 0, validation split): about x3 apart, centred on the earlier study's rates
+LR_GRID = {"full_adamw": [1.5e-5, 5e-5, 1.5e-4], "full_galore": [1.5e-5, 5e-5, 1.5e-4],
+           "full_natural_galore": [1.5e-5, 5e-5, 1.5e-4], "lora_adamw": [1e-3, 3e-3, 1e-2],
+           "lora_adahessian": [3e-3, 1e-2, 3e-2]}
+# step time / AdamW's step time, from scripts/bench_optim.py on a loaded machine (docs/results/optimizers.md);
+# reported beside the ratio these runs measure themselves
 COST = {"full_adamw": 1.0, "full_galore": 1.31, "full_natural_galore": 1.43, "lora_adamw": 1.0,
         "lora_adahessian": 1.35}
-BENCH_KEYS = {"full_galore": "galore", "full_natural_galore": "natural_galore", "lora_adahessian": "adahessian_i4"}
 TITLE = {"full": "Full fine-tune: AdamW vs GaLore vs Natural GaLore",
          "lora": "LoRA r=8 fine-tune: AdamW vs AdaHessian"}
 
@@ -118,7 +118,10 @@ def worker(spec: dict) -> dict:
     data = DataConfig(path="packaged:chitchat", format="chat", max_length=spec["max_length"], eval_fraction=0.02,
                       max_examples=spec["max_examples"])
     train_set, eval_set = build_datasets(data, tokenizer, "causal_lm", 42)  # split fixed, not the run seed
+    # two disjoint slices of the held-out split: the test set reported, the validation set that picks lr
     held_out = eval_set[:spec["eval_examples"]]
+    validation = eval_set[spec["eval_examples"]:spec["eval_examples"] + spec["val_examples"]]
+    assert len(validation) == spec["val_examples"], f"held-out split has only {len(eval_set)} conversations"
 
     torch.manual_seed(spec["seed"])
     random.seed(spec["seed"])
@@ -135,17 +138,21 @@ def worker(spec: dict) -> dict:
     batch_size = spec["batch_size"]
 
     @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
+    def loss_on(examples) -> float:
         total, count = 0.0, 0
-        for i in range(0, len(held_out), spec["eval_batch_size"]):
-            s, n = _loss_sum(model, _collate(held_out[i:i + spec["eval_batch_size"]], tokenizer.pad_token_id))
+        for i in range(0, len(examples), spec["eval_batch_size"]):
+            s, n = _loss_sum(model, _collate(examples[i:i + spec["eval_batch_size"]], tokenizer.pad_token_id))
             total, count = total + float(s), count + n
-        model.train()
         return total / count
 
+    def evaluate() -> dict:
+        model.eval()
+        losses = {"loss": loss_on(held_out), "val_loss": loss_on(validation)}
+        model.train()
+        return losses
+
     model.train()
-    evals = [{"step": 0, "time": 0.0, "loss": evaluate()}]
+    evals = [{"step": 0, "time": 0.0, **evaluate()}]
     train, clock = [], 0.0
     for step in range(spec["steps"]):
         for group in opt.param_groups:
@@ -167,7 +174,7 @@ def worker(spec: dict) -> dict:
         if not math.isfinite(value):
             break
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
-            evals.append({"step": step + 1, "time": clock, "loss": evaluate()})
+            evals.append({"step": step + 1, "time": clock, **evaluate()})
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                       if isinstance(v, torch.Tensor))
     return {**spec, "lr": optim_opts["lr"], "evals": evals, "train": train, "train_s": clock,
@@ -201,7 +208,7 @@ def run(spec: dict, log_dir: Path) -> dict:
 
 
 def loss_at(r: dict, x: float, key: str = "step") -> float:
-    """Held-out loss at step (or training second) x, linear between evaluations."""
+    """Test loss at step (or training second) x, linear between evaluations."""
     pts = r["evals"]
     for a, b in zip(pts, pts[1:]):
         if a[key] <= x <= b[key]:
@@ -213,62 +220,78 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
-def report(results: list[dict], pilot: list[dict], args, wall_s: float, plot_name: str) -> str:
+def best_lr(sweep: list[dict], method: str) -> float:
+    """The grid's rate with the lowest final validation loss (a diverged run counts as infinite)."""
+    runs = [r for r in sweep if r["method"] == method]
+    score = lambda r: r["evals"][-1]["val_loss"] if math.isfinite(r["evals"][-1]["val_loss"]) else math.inf
+    return min(runs, key=score)["lr"]
+
+
+def step_cost(by: dict, method: str, baseline: str) -> list[float]:
+    """Per seed: the method's median measured s/step over the baseline's, same seed (both measured here)."""
+    base = {r["seed"]: r["step_s_median"] for r in by[baseline]}
+    return [r["step_s_median"] / base[r["seed"]] for r in sorted(by[method], key=lambda r: r["seed"])]
+
+
+def report(results: list[dict], sweep: list[dict], args, wall_s: float, plot_name: str) -> str:
     by = {}
     for r in results:
         by.setdefault(r["method"], []).append(r)
-    lines = [BEGIN, "", "## Experiment: held-out loss at equal steps and equal wall time", "",
+    lines = [BEGIN, "", "## Experiment: test loss at equal steps and equal wall time", "",
              f"SmolLM2-135M-Instruct (packaged), chat SFT on packaged:chitchat: {args.steps} steps of batch "
-             f"{args.batch_size} x max_length {args.max_length}, warm-up {args.warmup} then cosine, clip 1; held-out "
-             f"loss on a fixed {args.eval_examples}-conversation held-out subset (assistant tokens) every "
-             f"{args.eval_every} steps; seeds {', '.join(map(str, args.seeds))}; CPU, one thread per run, two runs at a "
-             f"time on a shared 2-core machine; "
+             f"{args.batch_size} x max_length {args.max_length}, warm-up {args.warmup} then cosine, clip 1. Two "
+             f"disjoint slices of the held-out split: **test** ({args.eval_examples} conversations) reported, "
+             f"**validation** ({args.val_examples}) picks each method's lr; loss per assistant token, every "
+             f"{args.eval_every} steps. Learning rates: seed 0 at each rate of the method's grid, the lowest final "
+             f"validation loss wins; seeds {', '.join(map(str, [s for s in args.seeds if s != 0]))} at that rate. "
+             "CPU, one thread per run, two runs at a time; "
              + (f"whole study {wall_s / 60:.0f} min." if wall_s > 60 else
-                f"finished runs reused from {args.log_dir} (see the note above for the time they took)."), "",
+                f"finished runs reused from {args.log_dir}."), "",
              "```", f"python scripts/experiments/optimizers.py {' '.join(args.argv)}".rstrip(), "```", ""]
     for comparison in ("full", "lora"):
         methods = [m for m in METHODS if METHODS[m][0] == comparison and m in by]
         if not methods:
             continue
-        base = sorted(by[BASELINE[comparison]], key=lambda r: r["seed"])
+        baseline = BASELINE[comparison]
+        base = sorted(by[baseline], key=lambda r: r["seed"])
         budget = statistics.median(r["train_s"] for r in base)
         lines += [f"### {TITLE[comparison]}", "",
-                  f"Held-out loss, mean ± std over seeds; Δ is taken against AdamW seed by seed (negative = better "
-                  f"than AdamW). Equal wall time: the loss at step {args.steps} / c, where c is the step-time ratio "
-                  f"to AdamW from the benchmark. Measured: the loss at AdamW's median measured training time "
-                  f"({budget:.0f} s), from these runs' own clocks, which the machine's load made unreliable.", "",
-                  "| method | lr | step 0 | equal steps | Δ vs AdamW | c | equal wall time (at step) | Δ vs AdamW | "
-                  "measured s/step, per seed | at AdamW's measured time | optimizer state MiB |",
+                  f"Test loss, mean ± std over seeds; Δ is taken against AdamW seed by seed (negative = better than "
+                  f"AdamW). c: the method's measured s/step over AdamW's, seed by seed, from these runs' own clocks "
+                  f"(c bench: scripts/bench_optim.py). Equal wall time: the test loss at AdamW's median training "
+                  f"time ({budget:.0f} s of steps, evaluation excluded), linear between evaluations.", "",
+                  "| method | lr (swept) | step 0 | equal steps | Δ vs AdamW | measured s/step, per seed | c | "
+                  "equal wall time | Δ vs AdamW | c bench | optimizer state MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             rs = sorted(by[m], key=lambda r: r["seed"])
-            cost = args.cost[m]
             final = [r["evals"][-1]["loss"] for r in rs]
-            timed = [loss_at(r, args.steps / cost) for r in rs]
-            measured = [loss_at(r, budget, "time") for r in rs]
+            timed = [loss_at(r, budget, "time") for r in rs]
             d_final = [a - b["evals"][-1]["loss"] for a, b in zip(final, base)]
-            d_timed = [a - b["evals"][-1]["loss"] for a, b in zip(timed, base)]
-            is_base = m == BASELINE[comparison]
+            d_timed = [a - loss_at(b, budget, "time") for a, b in zip(timed, base)]
+            is_base = m == baseline
             lines.append(
                 f"| {METHODS[m][1]} | {rs[0]['lr']:g} | {mean_std([r['evals'][0]['loss'] for r in rs])} | "
-                f"{mean_std(final)} | {'—' if is_base else mean_std(d_final)} | {cost:.2f} | {mean_std(timed)} "
-                f"({args.steps / cost:.1f}) | {'—' if is_base else mean_std(d_timed)} | "
-                f"{', '.join(format(r['step_s_median'], '.1f') for r in rs)} | {mean_std(measured)} | "
-                f"{rs[0]['state_bytes'] / 2**20:.0f} |")
+                f"{mean_std(final)} | {'—' if is_base else mean_std(d_final)} | "
+                f"{', '.join(format(r['step_s_median'], '.2f') for r in rs)} | "
+                f"{statistics.median(step_cost(by, m, baseline)):.2f} | {mean_std(timed)} | "
+                f"{'—' if is_base else mean_std(d_timed)} | {COST[m]:.2f} | {rs[0]['state_bytes'] / 2**20:.0f} |")
         lines.append("")
-    if pilot:
-        lines += ["### AdaHessian learning-rate pilot", "",
-                  f"Seed {args.pilot_seed} (not a reported seed), {args.pilot_steps} steps, otherwise as above; the "
-                  "lowest held-out loss after the pilot picks the lr of the study.", "",
-                  "| lr | held-out loss after the pilot | train loss, last step |", "|---|---|---|"]
-        for r in sorted(pilot, key=lambda r: r["lr"]):
-            lines.append(f"| {r['lr']:g} | {r['evals'][-1]['loss']:.4f} | {r['train'][-1]['loss']:.4f} |")
+    if sweep:
+        lines += ["### Learning-rate sweep (seed 0)", "",
+                  "Final validation loss at each rate of the grid; **bold**: the rate the study used.", "",
+                  "| method | " + " | ".join(f"rate {i + 1}" for i in range(max(len(g) for g in LR_GRID.values())))
+                  + " |", "|---|" + "---|" * max(len(g) for g in LR_GRID.values())]
+        for m in METHODS:
+            runs = sorted((r for r in sweep if r["method"] == m), key=lambda r: r["lr"])
+            if runs:
+                chosen = best_lr(sweep, m)
+                cells = [f"{'**' if r['lr'] == chosen else ''}{r['lr']:g}: {r['evals'][-1]['val_loss']:.4f}"
+                         f"{'**' if r['lr'] == chosen else ''}" for r in runs]
+                lines.append(f"| {METHODS[m][0]} {METHODS[m][1]} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"![held-out loss against steps and against cost (step x benchmark ratio)]({plot_name})", "", END]
+    lines += [f"![test loss against steps and against measured training time]({plot_name})", "", END]
     return "\n".join(lines)
-
-
-COST_USED: dict[str, float] = dict(COST)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -282,19 +305,17 @@ def plot(results: list[dict], path: Path) -> None:
             if not rs:
                 continue
             steps = [e["step"] for e in rs[0]["evals"]]
-            mean = [statistics.mean(r["evals"][i]["loss"] for r in rs) for i in range(len(steps))]
-            std = [statistics.stdev(r["evals"][i]["loss"] for r in rs) if len(rs) > 1 else 0 for i in range(len(steps))]
-            line, = axes[row][0].plot(steps, mean, marker="o", label=METHODS[m][1])
-            axes[row][0].fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                                      color=line.get_color(), alpha=0.2)
-            cost = COST_USED[m]
-            axes[row][1].plot([x * cost for x in steps], mean, marker="o", color=line.get_color(),
-                              label=f"{METHODS[m][1]} (c={cost:.2f})")
-            axes[row][1].fill_between([x * cost for x in steps], [a - b for a, b in zip(mean, std)],
-                                      [a + b for a, b in zip(mean, std)], color=line.get_color(), alpha=0.2)
-        axes[row][0].set(title=TITLE[comparison], xlabel="step", ylabel="held-out loss (mean ± std, 3 seeds)")
-        axes[row][1].set(title="same, against cost (benchmark step-time ratio c)",
-                         xlabel="AdamW-step equivalents of wall time (step × c)", ylabel="held-out loss")
+            n = min(len(r["evals"]) for r in rs)
+            mean = [statistics.mean(r["evals"][i]["loss"] for r in rs) for i in range(n)]
+            std = [statistics.stdev(r["evals"][i]["loss"] for r in rs) if len(rs) > 1 else 0 for i in range(n)]
+            seconds = [statistics.mean(r["evals"][i]["time"] for r in rs) for i in range(n)]
+            for ax, xs in ((axes[row][0], steps[:n]), (axes[row][1], seconds)):
+                line, = ax.plot(xs, mean, marker="o", label=f"{METHODS[m][1]} (lr {rs[0]['lr']:g})")
+                ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                                color=line.get_color(), alpha=0.2)
+        axes[row][0].set(title=TITLE[comparison], xlabel="step", ylabel="test loss (mean ± std over seeds)")
+        axes[row][1].set(title="same, against measured training time", xlabel="seconds of training steps (mean)",
+                         ylabel="test loss")
         axes[row][0].legend()
         axes[row][1].legend()
     fig.tight_layout()
@@ -304,20 +325,17 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs/results/optimizers.md")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed 0 runs the lr sweep")
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-examples", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--eval-examples", type=int, default=48, help="test conversations")
+    p.add_argument("--val-examples", type=int, default=32, help="validation conversations (pick the lr)")
     p.add_argument("--max-examples", type=int, default=1000, help="training conversations rendered (the runs use "
                    "steps x batch_size of them)")
-    p.add_argument("--pilot-lrs", type=float, nargs="*", default=[1e-3, 1e-2, 1e-1])
-    p.add_argument("--pilot-steps", type=int, default=10)
-    p.add_argument("--pilot-seed", type=int, default=100)
     p.add_argument("--only", choices=["full", "lora"], help="one comparison only")
-    p.add_argument("--bench-json", help="scripts/bench_optim.py --json output: take the step-time ratios from it")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--log-dir", default="runs/experiments/optimizers", help="one JSON per run (reused on re-runs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -329,35 +347,29 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     args.argv = sys.argv[1:]
-    args.cost = dict(COST)
-    if args.bench_json:
-        summary = json.loads(Path(args.bench_json).read_text())["summary"]
-        args.cost.update({m: summary[k]["ratio_vs_adamw"] for m, k in BENCH_KEYS.items() if k in summary})
-    COST_USED.update(args.cost)
     log_dir = ROOT / args.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     base = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "warmup": args.warmup,
-            "eval_every": args.eval_every, "eval_examples": args.eval_examples, "eval_batch_size": 8,
-            "max_examples": args.max_examples}
+            "eval_every": args.eval_every, "eval_examples": args.eval_examples, "val_examples": args.val_examples,
+            "eval_batch_size": 8, "max_examples": args.max_examples}
     began = time.perf_counter()
     comparisons = [args.only] if args.only else ["full", "lora"]
-    pilot, ah_lr = [], None
+    methods = [m for m in METHODS if METHODS[m][0] in comparisons]
     with ThreadPoolExecutor(args.parallel) as pool:
-        if "lora" in comparisons and args.pilot_lrs:
-            print("pilot: AdaHessian lr", file=sys.stderr)
-            specs = [{**base, "steps": args.pilot_steps, "eval_every": args.pilot_steps, "method": "lora_adahessian",
-                      "seed": args.pilot_seed, "lr": lr} for lr in args.pilot_lrs]
-            pilot = list(pool.map(lambda s: run(s, log_dir), specs))
-            ah_lr = min(pilot, key=lambda r: r["evals"][-1]["loss"])["lr"]
-            print(f"pilot picks lr {ah_lr:g}", file=sys.stderr)
-        specs = [{**base, "method": m, "seed": seed, **({"lr": ah_lr} if m == "lora_adahessian" and ah_lr else {})}
-                 for seed in args.seeds for m in METHODS if METHODS[m][0] in comparisons]
-        results = list(pool.map(lambda s: run(s, log_dir), specs))
+        # the grids interleaved rate by rate, so a long full fine-tune and a short LoRA run share the machine
+        specs = [{**base, "method": m, "seed": 0, "lr": lr} for i in range(3) for m in methods
+                 for lr in LR_GRID[m][i:i + 1]]
+        sweep = list(pool.map(lambda s: run(s, log_dir), specs))
+        chosen = {m: best_lr(sweep, m) for m in methods}
+        print("sweep picks " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), file=sys.stderr)
+        specs = [{**base, "method": m, "seed": seed, "lr": chosen[m]} for seed in args.seeds if seed != 0
+                 for m in methods]
+        results = [r for r in sweep if r["lr"] == chosen[r["method"]]] + list(pool.map(lambda s: run(s, log_dir), specs))
     wall = time.perf_counter() - began
     out = ROOT / args.out
     plot_path = out.with_suffix(".png")
     plot(results, plot_path)
-    section = report(results, pilot, args, wall, plot_path.name)
+    section = report(results, sweep, args, wall, plot_path.name)
     text = out.read_text() if out.exists() else "# Research optimizers: results\n\n" + BEGIN + "\n" + END + "\n"
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
