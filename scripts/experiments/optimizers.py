@@ -331,8 +331,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--eval-every", type=int, default=15)
-    p.add_argument("--eval-examples", type=int, default=48, help="test conversations")
-    p.add_argument("--val-examples", type=int, default=32, help="validation conversations (pick the lr)")
+    p.add_argument("--eval-examples", type=int, default=45, help="test conversations")
+    p.add_argument("--val-examples", type=int, default=30, help="validation conversations (pick the lr)")
     p.add_argument("--max-examples", type=int, default=1000, help="training conversations rendered (the runs use "
                    "steps x batch_size of them)")
     p.add_argument("--only", choices=["full", "lora"], help="one comparison only")
