@@ -14,8 +14,9 @@ Protocol:
 - Two disjoint slices of the held-out split, loss per assistant token: **test** (`eval_examples`
   conversations, reported, at step 0 and every `eval_every` steps) and **validation**
   (`val_examples`, picks the learning rate).
-- Learning rates: every method has a grid of 3 rates (LR_GRID). Seed 0 runs each; the lowest
-  final validation loss picks the rate; the other seeds run at it. AdaHessian's rate is not in
+- Learning rates: every method has a grid of 3 rates (LR_GRID). Seed 0 runs each; where the best
+  is at the grid's edge, one more rate beyond it (up to `--extend` times), so that the choice is
+  bracketed; the lowest final validation loss picks the rate; the other seeds run at it. AdaHessian's rate is not in
   Adam's units (its step is gradient over curvature), so its grid is its own.
 - "Equal steps": the test loss after the last step. "Equal wall time": each run's test loss at
   AdamW's median measured training time (seconds inside training steps, evaluation excluded),
@@ -227,6 +228,18 @@ def best_lr(sweep: list[dict], method: str) -> float:
     return min(runs, key=score)["lr"]
 
 
+def beyond_edge(sweep: list[dict], method: str) -> float | None:
+    """One more rate past the grid's edge when the best rate so far is the largest (or smallest) run,
+    so that the chosen rate is bracketed; None when it already is."""
+    rates = sorted(r["lr"] for r in sweep if r["method"] == method)
+    best, ratio = best_lr(sweep, method), LR_GRID[method][1] / LR_GRID[method][0]
+    if best == rates[-1]:
+        return float(f"{best * ratio:.2g}")
+    if best == rates[0]:
+        return float(f"{best / ratio:.2g}")
+    return None
+
+
 def step_cost(by: dict, method: str, baseline: str) -> list[float]:
     """Per seed: the method's median measured s/step over the baseline's, same seed (both measured here)."""
     base = {r["seed"]: r["step_s_median"] for r in by[baseline]}
@@ -278,10 +291,11 @@ def report(results: list[dict], sweep: list[dict], args, wall_s: float, plot_nam
                 f"{'—' if is_base else mean_std(d_timed)} | {COST[m]:.2f} | {rs[0]['state_bytes'] / 2**20:.0f} |")
         lines.append("")
     if sweep:
+        width = max(sum(1 for r in sweep if r["method"] == m) for m in METHODS)
         lines += ["### Learning-rate sweep (seed 0)", "",
-                  "Final validation loss at each rate of the grid; **bold**: the rate the study used.", "",
-                  "| method | " + " | ".join(f"rate {i + 1}" for i in range(max(len(g) for g in LR_GRID.values())))
-                  + " |", "|---|" + "---|" * max(len(g) for g in LR_GRID.values())]
+                  "Final validation loss at each rate run (the grid, and rates past its edge where the best was at "
+                  "it); **bold**: the rate the study used.", "",
+                  "| method | " + " | ".join(f"rate {i + 1}" for i in range(width)) + " |", "|---|" + "---|" * width]
         for m in METHODS:
             runs = sorted((r for r in sweep if r["method"] == m), key=lambda r: r["lr"])
             if runs:
@@ -335,6 +349,8 @@ def main() -> None:
     p.add_argument("--val-examples", type=int, default=30, help="validation conversations (pick the lr)")
     p.add_argument("--max-examples", type=int, default=1000, help="training conversations rendered (the runs use "
                    "steps x batch_size of them)")
+    p.add_argument("--extend", type=int, default=2, help="rounds of one more rate past the grid's edge where the "
+                   "best rate is at it")
     p.add_argument("--only", choices=["full", "lora"], help="one comparison only")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--log-dir", default="runs/experiments/optimizers", help="one JSON per run (reused on re-runs)")
@@ -360,6 +376,10 @@ def main() -> None:
         specs = [{**base, "method": m, "seed": 0, "lr": lr} for i in range(3) for m in methods
                  for lr in LR_GRID[m][i:i + 1]]
         sweep = list(pool.map(lambda s: run(s, log_dir), specs))
+        for _ in range(args.extend):
+            specs = [{**base, "method": m, "seed": 0, "lr": lr} for m in methods
+                     if (lr := beyond_edge(sweep, m)) is not None]
+            sweep += list(pool.map(lambda s: run(s, log_dir), specs))
         chosen = {m: best_lr(sweep, m) for m in methods}
         print("sweep picks " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), file=sys.stderr)
         specs = [{**base, "method": m, "seed": seed, "lr": chosen[m]} for seed in args.seeds if seed != 0
