@@ -13,7 +13,8 @@ and one zero-shot evaluation per dataset gives the starting point.
 
 With `--sweep 0.333,1,3` each method's learning rate is picked first: 15 % of the training pairs
 (seeded) become a validation split and leave training for every run; seed 0 trains at the method's
-rate times each factor and is scored on validation; the best final MRR@10 picks the rate, and then
+rate times each factor (and one more rate past the edge where the best is at it, up to `--extend`
+times) and is scored on validation; the best final MRR@10 picks the rate, and then
 every seed trains at it and is scored on the held-out (test) split, which the sweep never sees.
 
 prints one JSON line per run, writes all runs to <out>.json and the tables to <out> (a section
@@ -245,6 +246,8 @@ def main() -> None:
     p.add_argument("--lr", action="append", default=[], help="METHOD=LR, overrides the table above")
     p.add_argument("--sweep", default=None, help="factors on each method's LR (e.g. 0.333,1,3): pick the rate on "
                    "a validation split carved from training, seed 0, then run every seed at it")
+    p.add_argument("--extend", type=int, default=2, help="with --sweep: rates past the grid's edge where the best is "
+                   "at it, at most this many")
     p.add_argument("--workdir", default="/tmp/peftforge-retrieval")
     p.add_argument("--out", default=None, help="markdown file for the tables (and <out>.json)")
     args = p.parse_args()
@@ -280,16 +283,27 @@ def main() -> None:
         if args.sweep:
             for m in args.methods:
                 overrides, lr = base[m]
-                for factor in [float(f) for f in args.sweep.split(",")]:
-                    rate = float(f"{lr * factor:.2g}")
-                    out = workdir / "runs" / f"{ds}-{m}-lr{rate:g}-val"
-                    run_once([*common, f"data.path={train_path}", f"data.eval_path={val_path}", *overrides,
-                              f"optim.lr={rate}", "train.seed=0"], out)
-                    row = {"dataset": ds, "method": m, "seed": 0, "lr": rate, "split": "validation",
-                           **summarise(read_metrics(out), zs["threshold"], args.batch_size)}
-                    sweep.append(row)
-                    print(json.dumps(row), flush=True)
-                best = max((r for r in sweep if r["dataset"] == ds and r["method"] == m), key=lambda r: r["mrr@10"])
+                factors = sorted(float(f) for f in args.sweep.split(","))
+                rates = [float(f"{lr * f:.2g}") for f in factors]
+                mine = []
+                while rates:
+                    for rate in rates:
+                        out = workdir / "runs" / f"{ds}-{m}-lr{rate:g}-val"
+                        run_once([*common, f"data.path={train_path}", f"data.eval_path={val_path}", *overrides,
+                                  f"optim.lr={rate}", "train.seed=0"], out)
+                        row = {"dataset": ds, "method": m, "seed": 0, "lr": rate, "split": "validation",
+                               **summarise(read_metrics(out), zs["threshold"], args.batch_size)}
+                        mine.append(row)
+                        print(json.dumps(row), flush=True)
+                    # the best at the edge of the rates run: one more rate past it (at most args.extend times),
+                    # so that the chosen rate is bracketed
+                    ran = sorted(r["lr"] for r in mine)
+                    top = max(mine, key=lambda r: r["mrr@10"])["lr"]
+                    step = factors[-1] / factors[-2] if len(factors) > 1 else 3.0
+                    beyond = top * step if top == ran[-1] else top / step if top == ran[0] else None
+                    rates = [float(f"{beyond:.2g}")] if beyond and len(mine) < len(factors) + args.extend else []
+                sweep += mine
+                best = max(mine, key=lambda r: r["mrr@10"])
                 chosen[(m, ds)] = best["lr"]
                 METHODS[m] = (overrides, best["lr"])
         for seed in args.seeds:
