@@ -16,8 +16,9 @@ Protocol:
   (`val_examples`, picks the learning rate).
 - Learning rates: every method has a grid of 3 rates (LR_GRID). Seed 0 runs each; where the best
   is at the grid's edge, one more rate beyond it (up to `--extend` times), so that the choice is
-  bracketed; the lowest final validation loss picks the rate; the other seeds run at it. AdaHessian's rate is not in
-  Adam's units (its step is gradient over curvature), so its grid is its own.
+  bracketed; the lowest final validation loss picks the rate; the other seeds run at it.
+  AdaHessian's rate is not in Adam's units (its step is gradient over curvature), so its grid is
+  its own.
 - "Equal steps": the test loss after the last step. "Equal wall time": each run's test loss at
   AdamW's median measured training time (seconds inside training steps, evaluation excluded),
   linear between evaluations. The step-time ratio c to AdamW is measured by these runs
@@ -261,8 +262,8 @@ def report(results: list[dict], sweep: list[dict], args, wall_s: float, plot_nam
              f"{args.batch_size} x max_length {args.max_length}, warm-up {args.warmup} then cosine, clip 1. Two "
              f"disjoint slices of the held-out split: **test** ({args.eval_examples} conversations) reported, "
              f"**validation** ({args.val_examples}) picks each method's lr; loss per assistant token, every "
-             f"{args.eval_every} steps. Learning rates: seed 0 at each rate of the method's grid, the lowest final "
-             f"validation loss wins; seeds {', '.join(map(str, [s for s in args.seeds if s != 0]))} at that rate. "
+             f"{args.eval_every} steps. Learning rates: seed 0 at each rate of the method's grid (and past its edge where "
+             f"the best was at it), the lowest final validation loss wins; seeds {', '.join(map(str, [s for s in args.seeds if s != 0]))} at that rate. "
              "CPU, one thread per run, two runs at a time; "
              + (f"whole study {wall_s / 60:.0f} min." if wall_s > 60 else
                 f"finished runs reused from {args.log_dir}."), "",
