@@ -42,6 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bracket import past_edge
+
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- BEGIN experiment (scripts/experiments/optimizers.py) -->", "<!-- END experiment -->"
 
@@ -232,13 +234,9 @@ def best_lr(sweep: list[dict], method: str) -> float:
 def beyond_edge(sweep: list[dict], method: str) -> float | None:
     """One more rate past the grid's edge when the best rate so far is the largest (or smallest) run,
     so that the chosen rate is bracketed; None when it already is."""
-    rates = sorted(r["lr"] for r in sweep if r["method"] == method)
-    best, ratio = best_lr(sweep, method), LR_GRID[method][1] / LR_GRID[method][0]
-    if best == rates[-1]:
-        return float(f"{best * ratio:.2g}")
-    if best == rates[0]:
-        return float(f"{best / ratio:.2g}")
-    return None
+    losses = {r["lr"]: r["evals"][-1]["val_loss"] for r in sweep if r["method"] == method}
+    scores = {lr: -loss if math.isfinite(loss) else -math.inf for lr, loss in losses.items()}
+    return past_edge(scores, LR_GRID[method][1] / LR_GRID[method][0])
 
 
 def mean_step_s(r: dict) -> float:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from bracket import past_edge
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -233,6 +235,26 @@ def tables(results: list[dict], zero_shot: dict, params: dict, args, command: st
     return "\n".join(out) + "\n"
 
 
+def sweep_rates(method: str, ds: str, overrides: list[str], lr: float, args, common: list[str], workdir: Path,
+                threshold: float) -> list[dict]:
+    """Seed 0 at lr times each --sweep factor, scored on the validation split that `common` points at; then
+    one more rate past the edge while the best is at it (at most --extend times), so the choice is bracketed."""
+    factors = sorted(float(f) for f in args.sweep.split(","))
+    step = factors[-1] / factors[-2] if len(factors) > 1 else 3.0
+    rates, rows = [float(f"{lr * f:.2g}") for f in factors], []
+    while rates:
+        for rate in rates:
+            out = workdir / "runs" / f"{ds}-{method}-lr{rate:g}-val"
+            run_once([*common, *overrides, f"optim.lr={rate}", "train.seed=0"], out)
+            row = {"dataset": ds, "method": method, "seed": 0, "lr": rate, "split": "validation",
+                   **summarise(read_metrics(out), threshold, args.batch_size)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        beyond = past_edge({r["lr"]: r["mrr@10"] for r in rows}, step)
+        rates = [beyond] if beyond is not None and len(rows) < len(factors) + args.extend else []
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
@@ -283,25 +305,8 @@ def main() -> None:
         if args.sweep:
             for m in args.methods:
                 overrides, lr = base[m]
-                factors = sorted(float(f) for f in args.sweep.split(","))
-                rates = [float(f"{lr * f:.2g}") for f in factors]
-                mine = []
-                while rates:
-                    for rate in rates:
-                        out = workdir / "runs" / f"{ds}-{m}-lr{rate:g}-val"
-                        run_once([*common, f"data.path={train_path}", f"data.eval_path={val_path}", *overrides,
-                                  f"optim.lr={rate}", "train.seed=0"], out)
-                        row = {"dataset": ds, "method": m, "seed": 0, "lr": rate, "split": "validation",
-                               **summarise(read_metrics(out), zs["threshold"], args.batch_size)}
-                        mine.append(row)
-                        print(json.dumps(row), flush=True)
-                    # the best at the edge of the rates run: one more rate past it (at most args.extend times),
-                    # so that the chosen rate is bracketed
-                    ran = sorted(r["lr"] for r in mine)
-                    top = max(mine, key=lambda r: r["mrr@10"])["lr"]
-                    step = factors[-1] / factors[-2] if len(factors) > 1 else 3.0
-                    beyond = top * step if top == ran[-1] else top / step if top == ran[0] else None
-                    rates = [float(f"{beyond:.2g}")] if beyond and len(mine) < len(factors) + args.extend else []
+                mine = sweep_rates(m, ds, overrides, lr, args, [*common, f"data.path={train_path}",
+                                   f"data.eval_path={val_path}"], workdir, zs["threshold"])
                 sweep += mine
                 best = max(mine, key=lambda r: r["mrr@10"])
                 chosen[(m, ds)] = best["lr"]

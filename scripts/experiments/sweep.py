@@ -13,7 +13,7 @@ rate, scored on a test split the sweep never saw. Two tasks (--task):
 Every run: the adapters of scripts/experiments/adapters.py (rank 8, no dropout), linear schedule with 10%
 warm-up, AdamW without weight decay, --steps steps. Phase `sweep` trains seed 0 at each rate and evaluates
 on validation; phase `extend` adds one rate beyond the grid's edge where the best rate is
-at that edge (EDGES); phase `seeds` trains seeds 1 and 2 at the winning rate, and the ablations (ABLATIONS: a
+at that edge (bracket.py); phase `seeds` trains seeds 1 and 2 at the winning rate, and the ablations (ABLATIONS: a
 method with one part switched off) at their parent's rate for seeds 0-2. All final adapters are scored on
 the test split with `train.py eval`.
 
@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -49,12 +50,13 @@ def _experiment_module(name: str):
 
 
 exp = _experiment_module("adapters")  # the method settings and the run helpers
+past_edge = _experiment_module("bracket").past_edge
 
 METHODS = ("lora", "pissa", "dora", "adalora", "triadaptlora", "balora")
 LRS = (1e-3, 3e-3, 1e-2)
-# phase `extend`: where the best of LRS is the largest (or smallest), one more rate beyond it, so that
-# the chosen rate is bracketed; the report then picks among all rates a method ran
-EDGES = {1e-2: 3e-2, 1e-3: 3e-4}
+# phase `extend`: where the best rate run is the largest (or smallest), one more rate a factor STEP beyond
+# it, so that the chosen rate is bracketed; the report then picks among all rates a method ran
+STEP = 3.0
 SEEDS = (0, 1, 2)
 
 TASKS = {
@@ -162,22 +164,33 @@ def validation(task: str, workdir: Path, method: str, lr: float, seed: int = 0) 
 def best_lr(task: str, workdir: Path, method: str) -> float:
     method = ABLATIONS[method][0] if method in ABLATIONS else method
     recorded = RECORDED_LRS.get(task, {}).get(method)
-    if recorded is not None:  # a sweep whose runs live elsewhere, as its results page states
-        return recorded
-    scored = [(validation(task, workdir, method, lr), lr) for lr in LRS]
-    missing = [lr for v, lr in scored if v is None]
+    if recorded is not None and not has_sweep(task, workdir, method):
+        return recorded  # a sweep whose runs live elsewhere, as its results page states
+    scores = swept(task, workdir, method)
+    return max(scores, key=scores.__getitem__)
+
+
+def has_sweep(task: str, workdir: Path, method: str) -> bool:
+    """Whether seed 0 of the method's grid ran in this work directory (else its rate may be recorded elsewhere)."""
+    return method not in ABLATIONS and any(validation(task, workdir, method, lr) for lr in LRS)
+
+
+def swept(task: str, workdir: Path, method: str) -> dict[float, tuple]:
+    """Every rate seed 0 ran to its validation score -> its rank (higher is better); the grid must be complete."""
+    missing = [lr for lr in LRS if validation(task, workdir, method, lr) is None]
     if missing:
         raise SystemExit(f"{method}: the sweep has not finished (lr {missing})")
-    scored += [(v, lr) for lr in EDGES.values() if (v := validation(task, workdir, method, lr)) is not None]
-    return max(scored, key=lambda s: TASKS[task]["rank"](s[0]))[1]
+    name = re.compile(rf"{re.escape(method)}-lr([0-9.e+-]+)-s0")
+    rates = [float(m[1]) for d in (workdir / "runs").iterdir() if (m := name.fullmatch(d.name))]
+    return {lr: TASKS[task]["rank"](v) for lr in sorted(rates) if (v := validation(task, workdir, method, lr))}
 
 
 def jobs(task: str, phase: str, workdir: Path, methods: list[str]) -> list[tuple[str, float, int]]:
     if phase == "sweep":
         return [(m, lr, 0) for m in methods if m not in ABLATIONS for lr in LRS]
     if phase == "extend":
-        return [(m, EDGES[lr], 0) for m in methods if m not in ABLATIONS
-                if (lr := best_lr(task, workdir, m)) in EDGES]
+        return [(m, lr, 0) for m in methods if has_sweep(task, workdir, m)
+                if (lr := past_edge(swept(task, workdir, m), STEP)) is not None]
     return [(m, best_lr(task, workdir, m), s) for m in methods for s in SEEDS if s != 0 or m in ABLATIONS]
 
 
@@ -185,8 +198,7 @@ def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int
     spec = TASKS[task]
     metric = spec["metric"]
     name = metric.split("/")[1]
-    ran = {lr for m in methods for lr in EDGES.values() if validation(task, workdir, m, lr) is not None}
-    rates = sorted(set(LRS) | ran)
+    rates = sorted(set(LRS).union(*(swept(task, workdir, m) for m in methods if has_sweep(task, workdir, m))))
     lines = [f"## {spec['title']}: learning rate swept on validation, 3 seeds on test "
              f"({steps} steps of {spec['batch']})", "",
              f"Validation {name} of seed 0 at each rate (the sweep), then the test metrics of the best rate "
@@ -212,8 +224,8 @@ def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int
         summary[m] = {"lr": lr, "validation": {f"{r:g}": v[metric] for r, v in zip(rates, vals) if v},
                       "seeds": seeds, f"test_{first}": a, f"test_{second}": b, "trainable_params": params}
         cells = " | ".join("-" if v is None else f"{v[metric]:.4f}" for v in vals)
-        # a best rate on the grid's edge with nothing run beyond it is not bracketed
-        edge = " (edge)" if lr in EDGES and m not in ABLATIONS and validation(task, workdir, m, EDGES[lr]) is None else ""
+        # a best rate on the edge of the rates run is not bracketed
+        edge = " (edge)" if has_sweep(task, workdir, m) and past_edge(swept(task, workdir, m), STEP) else ""
         lines.append(f"| {m} | {cells} | {lr:g}{edge} | {len(seeds)} | {exp.mean_std(a)} | {exp.mean_std(b)} | "
                      f"{' / '.join(f'{x:.4f}' for x in a)} | {params:,} | {statistics.mean(walls):.0f} |")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
