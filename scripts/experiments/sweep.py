@@ -14,7 +14,9 @@ Every run: the adapters of scripts/experiments/adapters.py (rank 8, no dropout),
 warm-up, AdamW without weight decay, --steps steps. Phase `sweep` trains seed 0 at each rate and evaluates
 on validation; phase `extend` adds one rate beyond the grid's edge where the best rate is
 at that edge (bracket.py); phase `seeds` trains seeds 1 and 2 at the winning rate, and the ablations (ABLATIONS: a
-method with one part switched off) at their parent's rate for seeds 0-2. All final adapters are scored on
+method with one part switched off) at their parent's rate for seeds 0-2. A method with no sweep in --workdir
+whose rate a published sweep recorded (RECORDED_LRS) trains seeds 0-2 at that rate: a longer run of the same
+study (--steps, a new --workdir) reuses the rates picked at the shorter budget. All final adapters are scored on
 the test split with `train.py eval`.
 
   OMP_NUM_THREADS=1 python scripts/experiments/sweep.py --task chat --worker 0/2 &
@@ -191,7 +193,10 @@ def jobs(task: str, phase: str, workdir: Path, methods: list[str]) -> list[tuple
     if phase == "extend":
         return [(m, lr, 0) for m in methods if has_sweep(task, workdir, m)
                 if (lr := past_edge(swept(task, workdir, m), STEP)) is not None]
-    return [(m, best_lr(task, workdir, m), s) for m in methods for s in SEEDS if s != 0 or m in ABLATIONS]
+    # seed 0 is the sweep's run, except for ablations and methods whose rate was swept elsewhere; seed by seed,
+    # so that a study stopped early has the same seeds for every method
+    return [(m, best_lr(task, workdir, m), s) for s in SEEDS for m in methods
+            if s != 0 or m in ABLATIONS or not has_sweep(task, workdir, m)]
 
 
 def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int, out: Path) -> None:
