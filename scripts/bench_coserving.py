@@ -88,7 +88,15 @@ def summarize(requests: list[dict], window: float) -> dict:
             round(xs[0], 4) if xs else None)
 
     in_window = sum(sum(1 for t in r["times"] if t <= window) for r in done)
-    return {"requests": len(requests), "finished": len(done), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+    # seconds of the window with at least one request in the engine (arrival to last token): in the
+    # inference-only cell, one minus its share is the most that a co-serving schedule which fine-tunes only
+    # between requests can keep
+    spans = sorted((r["arrival"], r["times"][-1] if r.get("times") else window) for r in requests)
+    busy, end = 0.0, 0.0
+    for start, stop in spans:
+        start, stop = max(start, end), min(stop, window)
+        busy, end = busy + max(0.0, stop - start), max(end, stop)
+    return {"busy_s": round(busy, 2), "requests": len(requests), "finished": len(done), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
             "tpot_mean": round(statistics.fmean(tpot), 4) if tpot else None,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p99": pct(gaps, 99),
             "output_tokens_per_s": round(in_window / window, 3)}
@@ -397,8 +405,8 @@ def report(path: Path, plot: Path | None) -> None:
     rates = sorted({r["rate"] for r in results.values() if r["kind"] != "finetune"})
     print(f"fine-tuning alone: engine {base_ft} tok/s, train_step {peak} tok/s")
     print("| rate (req/s) | cell | TPOT target (ms) | TPOT p50 (s) | TPOT p99 (s) | TTFT p50 (s) | out tok/s | FT tok/s "
-          "| FT kept vs (b) | FT kept vs train_step | TPOT p50 vs (a) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| FT kept vs (b) | FT kept vs train_step | TPOT p50 vs (a) | idle share of (a) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         inf = results.get(f"inference@{rate:g}", {})
         for kind in ("inference", "coserve", "timeshare", "generate"):
@@ -410,8 +418,11 @@ def report(path: Path, plot: Path | None) -> None:
             kept_peak = f"{r['ft_tokens_per_s'] / peak:.2f}" if peak and trains else ""
             vs = f"{r['tpot_p50'] / inf['tpot_p50']:.2f}" if inf.get("tpot_p50") and r.get("tpot_p50") else ""
             target = r["tpot_slo_ms"] if kind == "coserve" else ""
+            # the window without a request in the engine, inference-only: the ceiling of fine-tuning between requests
+            idle = f"{1 - r['busy_s'] / r['duration']:.2f}" if kind == "inference" and "busy_s" in r else ""
             print(f"| {rate:g} | {kind} | {target} | {r['tpot_p50']} | {r['tpot_p99']} | {r['ttft_p50']} | "
-                  f"{r['output_tokens_per_s']} | {r['ft_tokens_per_s'] if trains else ''} | {kept} | {kept_peak} | {vs} |")
+                  f"{r['output_tokens_per_s']} | {r['ft_tokens_per_s'] if trains else ''} | {kept} | {kept_peak} | {vs} "
+                  f"| {idle} |")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
