@@ -398,6 +398,11 @@ def measure_cell(args) -> None:
     print(json.dumps({args.cell: {k: v for k, v in row.items() if k not in ("cost_model", "unit_costs")}}), flush=True)
 
 
+def unit_seconds(cell: dict) -> float:
+    """Seconds the cell's fine-tuning units (forward and backward) ran in the window."""
+    return sum(cell.get("units", {}).get(kind, {}).get("seconds", 0.0) for kind in ("forward", "backward"))
+
+
 def report(path: Path, plot: Path | None) -> None:
     results = json.loads(path.read_text())
     ft = results.get("finetune", {})
@@ -405,8 +410,8 @@ def report(path: Path, plot: Path | None) -> None:
     rates = sorted({r["rate"] for r in results.values() if r["kind"] != "finetune"})
     print(f"fine-tuning alone: engine {base_ft} tok/s, train_step {peak} tok/s")
     print("| rate (req/s) | cell | TPOT target (ms) | TPOT p50 (s) | TPOT p99 (s) | TTFT p50 (s) | out tok/s | FT tok/s "
-          "| FT kept vs (b) | FT kept vs train_step | TPOT p50 vs (a) | idle share of (a) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| FT kept vs (b) | FT kept vs train_step | FT time vs (b) | TPOT p50 vs (a) | idle share of (a) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         inf = results.get(f"inference@{rate:g}", {})
         for kind in ("inference", "coserve", "timeshare", "generate"):
@@ -416,12 +421,15 @@ def report(path: Path, plot: Path | None) -> None:
             trains = "ft_tokens_per_s" in r and kind != "inference"
             kept = f"{r['ft_tokens_per_s'] / base_ft:.2f}" if base_ft and trains else ""
             kept_peak = f"{r['ft_tokens_per_s'] / peak:.2f}" if peak and trains else ""
+            # seconds the job's units ran, against the fine-tune-only cell's: what the schedule kept, free of the
+            # machine's speed drift between cells (kept in tokens = this x the units' speed ratio)
+            time_share = f"{unit_seconds(r) / unit_seconds(ft):.2f}" if trains and unit_seconds(r) and unit_seconds(ft) else ""
             vs = f"{r['tpot_p50'] / inf['tpot_p50']:.2f}" if inf.get("tpot_p50") and r.get("tpot_p50") else ""
             target = r["tpot_slo_ms"] if kind == "coserve" else ""
             # the window without a request in the engine, inference-only: the ceiling of fine-tuning between requests
             idle = f"{1 - r['busy_s'] / r['duration']:.2f}" if kind == "inference" and "busy_s" in r else ""
             print(f"| {rate:g} | {kind} | {target} | {r['tpot_p50']} | {r['tpot_p99']} | {r['ttft_p50']} | "
-                  f"{r['output_tokens_per_s']} | {r['ft_tokens_per_s'] if trains else ''} | {kept} | {kept_peak} | {vs} "
+                  f"{r['output_tokens_per_s']} | {r['ft_tokens_per_s'] if trains else ''} | {kept} | {kept_peak} | {time_share} | {vs} "
                   f"| {idle} |")
     if plot:
         import matplotlib
