@@ -255,6 +255,31 @@ def sweep_rates(method: str, ds: str, overrides: list[str], lr: float, args, com
     return rows
 
 
+def plot_curves(results: list[dict], zero_shot: dict, path: Path) -> None:
+    """Held-out MRR@10 against training steps, mean over seeds with the seeds' range, one panel per dataset."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for m in dict.fromkeys(r["method"] for r in results if r["dataset"] == ds):
+            # steps are int keys in memory, str keys once the runs went through JSON
+            curves = [{int(k): v for k, v in r["curve"].items()} for r in results
+                      if r["dataset"] == ds and r["method"] == m]
+            steps = sorted({s for c in curves for s in c})
+            per_step = [[c[s] for c in curves if s in c] for s in steps]
+            line, = ax.plot(steps, [statistics.mean(v) for v in per_step], marker=".", label=m)
+            ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
+                            alpha=0.12)
+        ax.axhline(zero_shot[ds]["eval/mrr@10"], color="gray", ls=":", label="zero-shot")
+        ax.set_title(ds), ax.set_xlabel("training step"), ax.set_ylabel("held-out MRR@10 (mean, range over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
@@ -336,6 +361,7 @@ def main() -> None:
         out.write_text(text + "\n" + READING_MARK + reading)
         out.with_suffix(".json").write_text(json.dumps({"zero_shot": zero_shot, "params": params, "runs": results,
                                                         "sweep": sweep}, indent=1))
+        plot_curves(results, zero_shot, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
