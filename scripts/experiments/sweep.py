@@ -165,16 +165,21 @@ def validation(task: str, workdir: Path, method: str, lr: float, seed: int = 0) 
 
 def best_lr(task: str, workdir: Path, method: str) -> float:
     method = ABLATIONS[method][0] if method in ABLATIONS else method
-    recorded = RECORDED_LRS.get(task, {}).get(method)
-    if recorded is not None and not has_sweep(task, workdir, method):
-        return recorded  # a sweep whose runs live elsewhere, as its results page states
+    if uses_recorded_rate(task, workdir, method):
+        return RECORDED_LRS[task][method]  # a sweep whose runs live elsewhere, as its results page states
     scores = swept(task, workdir, method)
     return max(scores, key=scores.__getitem__)
 
 
+def uses_recorded_rate(task: str, workdir: Path, method: str) -> bool:
+    """A method whose grid did not run (whole) in this work directory and whose rate a published sweep recorded.
+    Its seed-0 run here is then a seed like the others, not part of a sweep."""
+    return method in RECORDED_LRS.get(task, {}) and not all(validation(task, workdir, method, lr) for lr in LRS)
+
+
 def has_sweep(task: str, workdir: Path, method: str) -> bool:
-    """Whether seed 0 of the method's grid ran in this work directory (else its rate may be recorded elsewhere)."""
-    return method not in ABLATIONS and any(validation(task, workdir, method, lr) for lr in LRS)
+    """Whether the method's rate is picked from a sweep in this work directory."""
+    return method not in ABLATIONS and not uses_recorded_rate(task, workdir, method)
 
 
 def swept(task: str, workdir: Path, method: str) -> dict[float, tuple]:
@@ -196,7 +201,7 @@ def jobs(task: str, phase: str, workdir: Path, methods: list[str]) -> list[tuple
     # seed 0 is the sweep's run, except for ablations and methods whose rate was swept elsewhere; seed by seed,
     # so that a study stopped early has the same seeds for every method
     return [(m, best_lr(task, workdir, m), s) for s in SEEDS for m in methods
-            if s != 0 or m in ABLATIONS or not has_sweep(task, workdir, m)]
+            if s != 0 or m in ABLATIONS or uses_recorded_rate(task, workdir, m)]
 
 
 def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int, out: Path) -> None:
