@@ -64,3 +64,8 @@ def test_adalora_budget_errors_are_user_errors(tmp_path, capsys):
                          "train.max_steps=5", f"train.output_dir={tmp_path / 'b'}") == 2
     err = capsys.readouterr().err
     assert "adapter.tinit" in err and "Traceback" not in err
+    # one step: the final budget would be fixed at step 1 with no importance score gathered
+    assert run_inprocess("--config", TINY, "adapter.type=adalora", "train.max_steps=1",
+                         f"train.output_dir={tmp_path / 'c'}") == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps" in err and "Traceback" not in err and "KeyError" not in err

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from run_metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -129,11 +131,6 @@ def run_cli(overrides: list[str]) -> int:
     GradientState._reset_state()
     PartialState._reset_state()
     return main(overrides)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def result_of(task: str, method: str, seed: int, run_dir: Path, wall_s: float | None) -> dict:

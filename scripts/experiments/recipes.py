@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Does each shipped recipe learn, run exactly as shipped? For every configs/<recipe>.yaml asked for: one run as
-shipped, and one run of the same recipe for a single step at a vanishing learning rate, whose final evaluation
+shipped, and one run of the same recipe for two steps at a vanishing learning rate (AdaLoRA needs one step of rank scores before it fixes its budget), whose final evaluation
 is the untrained model's on the same held-out split with the same metric (every adapter here starts as the
 identity: LoRA's B = 0, PiSSA's residual plus principal part, AdaLoRA's E = 0, TriAdaptLoRA's B = 0, DoRA's
 magnitude = the weight's norm). Prints one table row per recipe: the held-out metric untrained and trained,
@@ -20,16 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from run_metrics import final_eval
+
 ROOT = Path(__file__).resolve().parents[2]
 # the held-out metric each task reports, and whether higher is better
 METRICS = {"eval/accuracy": True, "eval/mrr@10": True, "eval/loss": False}
-
-
-def final_eval(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.open()] if path.exists() else []
-    evals = [r for r in rows if "eval/loss" in r]
-    return evals[-1] if evals else None
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
@@ -57,7 +52,7 @@ def main() -> None:
     results = {}
     for recipe in recipes:
         untrained = train(recipe, workdir / f"{recipe}-untrained",
-                          ["optim.lr=1e-12", "train.max_steps=1", "train.warmup_steps=0", "train.eval_every=0"])
+                          ["optim.lr=1e-12", "train.max_steps=2", "train.warmup_steps=0", "train.eval_every=0"])
         trained = train(recipe, workdir / recipe, [])
         metric = next(m for m in METRICS if m in trained)
         margin = (trained[metric] - untrained[metric]) * (1 if METRICS[metric] else -1)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from bracket import past_edge
+from run_metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -135,10 +136,6 @@ def run_once(overrides: list[str], out: Path) -> None:
         return
     assert run(overrides) == 0
     done.write_text(json.dumps(overrides))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def trainable_parameters(method: str) -> int:
