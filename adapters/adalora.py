@@ -100,9 +100,11 @@ def build_adalora(model, opts: AdaLoraOptions, ctx: BuildContext):
     if ctx.total_steps - tfinal < 2:
         # peft scores ranks only on steps before total_step - tfinal and fixes the final budget at that
         # step from those scores; with none gathered its allocator fails on a missing score (KeyError).
+        enough = next(n for n in range(ctx.total_steps + 1, ctx.total_steps + 10_000)
+                      if n - budget_phases(opts, n)[1] >= 2 and sum(budget_phases(opts, n)) < n)
         raise ValueError(f"train.max_steps={ctx.total_steps} with adapter.tfinal={tfinal}: AdaLoRA fixes its final "
                          f"budget at step {ctx.total_steps - tfinal} from the importance scores of the steps before "
-                         f"it, and there are none; raise train.max_steps to {tfinal + 2} or more")
+                         f"it, and there are none; raise train.max_steps to {enough} or more")
     cfg = AdaLoraConfig(
         init_r=opts.init_r, target_r=opts.target_r, lora_alpha=opts.alpha if opts.alpha is not None else 8.0 * opts.init_r,
         lora_dropout=opts.dropout,
