@@ -8,8 +8,8 @@ the weight's norm). Prints one table row per recipe: the held-out metric untrain
 
   OMP_NUM_THREADS=2 python scripts/experiments/recipes.py --recipes minilm-sentiment-lora,smollm2-lora --out FILE
 
-A finished run (its directory holds a final evaluation) is not repeated, so the script can be stopped and
-rerun.
+A finished run (its directory holds a final evaluation) is not repeated, and a stopped one resumes from its last
+checkpoint (the long recipes save every 100 steps), so the script can be stopped and rerun.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from pathlib import Path
 from run_metrics import final_eval
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from trainer.checkpoint import latest_checkpoint  # noqa: E402
+
 # the held-out metric each task reports, and whether higher is better
 METRICS = {"eval/accuracy": True, "eval/mrr@10": True, "eval/loss": False}
 
@@ -30,8 +33,10 @@ METRICS = {"eval/accuracy": True, "eval/mrr@10": True, "eval/loss": False}
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
     if final_eval(out) is None:
         env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+        # a stopped run continues from its last checkpoint (exact resume), anything else starts afresh
+        start = "train.resume=auto" if latest_checkpoint(out) else "train.overwrite=true"
         cmd = [sys.executable, "train.py", "--config", f"configs/{recipe}.yaml", f"train.output_dir={out}",
-               "train.overwrite=true", "tracking.wandb=false", *overrides]
+               start, "tracking.wandb=false", *overrides]
         if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
             raise SystemExit(f"{recipe}: `{' '.join(cmd)}` failed")
     return final_eval(out)
