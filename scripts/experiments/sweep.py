@@ -226,6 +226,9 @@ def report(task: str, workdir: Path, paths: dict, methods: list[str], steps: int
         vals = [None if m in ABLATIONS else validation(task, workdir, m, lr) for lr in rates]
         lr = best_lr(task, workdir, m)
         seeds = [s for s in SEEDS if (run_dir(workdir, m, lr, s) / "wall_s.txt").exists()]  # the finished ones
+        if not seeds:
+            raise SystemExit(f"--report: {m} has no finished run at its rate {lr:g} in {workdir / 'runs'}; "
+                             f"run --phase seeds --methods {m} first")
         tests = [test_score(workdir, paths, m, lr, s)["metrics"] for s in seeds]
         first, second = ("accuracy", "loss") if task == "sentiment" else ("loss", "perplexity")
         a, b = [t[first] for t in tests], [t[second] for t in tests]
