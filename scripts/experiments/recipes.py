@@ -8,7 +8,7 @@ the weight's norm). Prints one table row per recipe: the held-out metric untrain
 
   OMP_NUM_THREADS=2 python scripts/experiments/recipes.py --recipes minilm-sentiment-lora,smollm2-lora --out FILE
 
-A finished run (its directory holds a final evaluation) is not repeated, and a stopped one resumes from its last
+A finished run (its directory holds the evaluation of its last step) is not repeated, and a stopped one resumes from its last
 checkpoint (the long recipes save every 100 steps), so the script can be stopped and rerun.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from run_metrics import final_eval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +31,18 @@ from trainer.checkpoint import latest_checkpoint  # noqa: E402
 METRICS = {"eval/accuracy": True, "eval/mrr@10": True, "eval/loss": False}
 
 
+def finished_eval(run_dir: Path) -> dict | None:
+    """The evaluation at the run's last step, or None for a run not started, stopped or failed (a stopped run
+    may hold evaluations of earlier steps)."""
+    last = final_eval(run_dir)
+    config = run_dir / "config.yaml"
+    if last is None or not config.exists():
+        return None
+    return last if last["step"] >= yaml.safe_load(config.read_text())["train"]["max_steps"] else None
+
+
 def train(recipe: str, out: Path, overrides: list[str]) -> dict:
-    if final_eval(out) is None:
+    if finished_eval(out) is None:
         env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
         # a stopped run continues from its last checkpoint (exact resume), anything else starts afresh
         start = "train.resume=auto" if latest_checkpoint(out) else "train.overwrite=true"
@@ -39,7 +50,7 @@ def train(recipe: str, out: Path, overrides: list[str]) -> dict:
                start, "tracking.wandb=false", *overrides]
         if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
             raise SystemExit(f"{recipe}: `{' '.join(cmd)}` failed")
-    return final_eval(out)
+    return finished_eval(out)
 
 
 def main() -> None:
