@@ -70,6 +70,7 @@ def test_adalora_budget_errors_are_user_errors(tmp_path, capsys):
                          f"train.output_dir={tmp_path / 'c'}") == 2
     err = capsys.readouterr().err
     assert "train.max_steps" in err and "Traceback" not in err and "KeyError" not in err
+    assert not (tmp_path / "c").exists()  # refused before the run directory is made
     # the step count it suggests is one peft's allocator really runs to the end with
     suggested = int(re.search(r"raise train.max_steps to (\d+)", err).group(1))
     assert run_inprocess("--config", TINY, "adapter.type=adalora", f"train.max_steps={suggested}",
