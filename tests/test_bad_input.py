@@ -9,6 +9,8 @@ import pytest
 
 from cli_runner import TINY, run_inprocess, run_subprocess
 
+TINY_TEXT = open(TINY).read()
+
 
 def chat(role):
     return {"messages": [{"role": "user", "content": "hi"}, {"role": role, "content": "hello"}]}
@@ -30,6 +32,14 @@ CASES = {
     "missing data file": ({}, ["--config", TINY, "data.path=missing.jsonl"], ["data.path", "missing.jsonl"]),
     "unknown adapter": ({}, ["--config", TINY, "adapter.type=lorra"], ["adapter.type", "did you mean 'lora'"]),
     "galore on an adapter": ({}, ["--config", TINY, "optim.name=galore_adamw"], ["optim.name", "adapter.type=none"]),
+    # a rule over two keys (adapter and task) names the line of the adapter it refuses
+    "adapter for another task": ({"bitfit.yaml": TINY_TEXT.replace("type: lora", "type: bitfit", 1)
+                                  .replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n", "")},
+                                 ["--config", "bitfit.yaml"], ["adapter.type (bitfit.yaml:12)", "not causal_lm"]),
+    # refused when the adapter is built, after the config loaded: still the file and line
+    "adapter refusing at build": ({"adalora.yaml": TINY_TEXT.replace("type: lora", "type: adalora", 1)
+                                   .replace("  r: 4\n  alpha: 8\n", "").replace("max_steps: 20", "max_steps: 1")},
+                                  ["--config", "adalora.yaml"], ["adapter.type (adalora.yaml:12)", "train.max_steps=1"]),
 }
 
 

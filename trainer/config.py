@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 import adapters
 import optim
@@ -98,6 +99,14 @@ class Config(Section):
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    # where each key was set (the YAML's lines, the command line's overrides), so that an error found
+    # after loading (a method refusing the model, a launch it cannot run under) can name the line too
+    _source: tuple[dict, dict, Optional[Path]] = PrivateAttr(default=({}, {}, None))
+
+    def where(self, key: str) -> str:
+        """`key`, and the file:line or command-line override that set it, for a UserError's `where`."""
+        origin, lines, path = self._source
+        return _where(key, origin, lines, path)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
@@ -263,16 +272,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         adapter = _adapter_options(data).model_validate(data.pop("adapter"))
         optimizer = _optim_options(data).model_validate(data.pop("optim"))
-        return Config.model_validate({**data, "adapter": adapter, "optim": optimizer})
+        cfg = Config.model_validate({**data, "adapter": adapter, "optim": optimizer})
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         section = _section_of(e.title)
         key = f"{section}.{loc}" if section and loc else (loc or section)
         msg = err["msg"].removeprefix("Value error, ")
+        if not key and (named := re.match(r"([a-z_]+\.[a-z_]+)=", msg)):
+            key = named[1]  # a rule over several keys (Config._combinations) names the first key it is about
         got = err.get("input")
         shown = "" if isinstance(got, (dict, BaseModel)) or not loc else f" (got {got!r})"
         raise UserError(f"{msg[0].lower()}{msg[1:]}{shown}", where=_where(key, origin, lines, cfg_path) if key else cfg_path and str(cfg_path)) from None
+    cfg._source = (origin, lines, cfg_path)
+    return cfg
 
 
 def _section_of(title: str) -> str:

@@ -95,7 +95,7 @@ def load_trainable_model(cfg: Config, tokenizer, mixed_precision: str = "no") ->
     try:
         model, hooks = spec.build(model, cfg.adapter, adapters.BuildContext(cfg.model.task, cfg.train.max_steps, cfg.train.seed))
     except (ValueError, NotImplementedError) as e:  # a method refusing this model or setting
-        raise UserError(str(e).splitlines()[0], where=f"adapter.type={cfg.adapter.type}") from None
+        raise UserError(str(e).splitlines()[0], where=cfg.where("adapter.type")) from None
     if cfg.train.compile:
         compile_layers(model)
     return model, hooks
